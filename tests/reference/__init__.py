@@ -1,0 +1,1 @@
+"""Reference implementations used only by the tests (never imported by the package)."""
