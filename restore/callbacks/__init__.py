@@ -1,0 +1,1 @@
+"""restore.callbacks: Lightning callbacks shared by the methods."""

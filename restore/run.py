@@ -1,0 +1,324 @@
+"""Run a job from a composed Hydra config: the bodies of ``train.py`` and ``eval.py``.
+
+Everything is built with ``hydra.utils.instantiate`` from ``configs/``; this module only wires the parts
+together and owns the cross-cutting rules that every method shares:
+
+- seeding (``seed_everything(workers=True)``) before anything random is built;
+- callbacks and loggers as dicts of ``_target_`` entries, where a ``null`` entry is skipped (so
+  ``callbacks.model_checkpoint=null`` or ``logger.wandb=null`` switch one off from the command line);
+- resuming: ``ckpt_path=last`` means ``<run dir>/checkpoints/last.ckpt``, and with ``auto_resume`` a run
+  whose directory already holds ``last.ckpt`` (a requeued SLURM job: submitit resubmits it into the same
+  directory) continues from it;
+- ``wandb.finish()`` in ``finally``, so one crashed job does not poison a multirun sweep.
+
+The method is built as ``instantiate(cfg.model, degradation=<instantiated cfg.degradation>)``: every
+training method takes the degradation that synthesises its LR inputs as the ``degradation`` argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from restore.callbacks.image_writer import PNGWriter
+from restore.data.paired import collate_variable_size
+
+__all__ = [
+    "ConfigError",
+    "evaluate",
+    "instantiate_callbacks",
+    "instantiate_loggers",
+    "metric_value",
+    "resolve_ckpt_path",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+LAST_CKPT = "last.ckpt"
+
+
+class ConfigError(ValueError):
+    """A required config entry is missing or inconsistent; the message names the key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _require(cfg: DictConfig, key: str, hint: str) -> Any:
+    """``cfg.<key>``, or a :class:`ConfigError` naming the key when it is absent, null or has ``???`` values."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        raise ConfigError(f"config key `{key}` is required but missing or null: {hint}")
+    missing = sorted(OmegaConf.missing_keys(value)) if OmegaConf.is_config(value) else []
+    if missing:
+        examples = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(
+            f"config value(s) {', '.join(f'`{k}`' for k in missing)} must be set (`???`): e.g. {examples}"
+        )
+    return value
+
+
+def _choose(group: str) -> str:
+    """Hint listing the options of a config group, e.g. ``choose one with model=<realesrnet|...>``."""
+    from restore import CONFIG_DIR
+
+    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return f"choose one with {group}=<{'|'.join(options)}> (configs/{group}/)"
+
+
+def _instantiate_entries(
+    cfg: DictConfig | None, group: str, kind: type, kwargs: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Instantiate each ``_target_`` entry of a dict config (``kwargs[name]`` added); ``null`` entries are skipped."""
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(
+            f"`{group}` must be a dict of `name: {{_target_: ...}}` entries, got {type(cfg).__name__}"
+        )
+    built = {}
+    for name, entry in cfg.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ConfigError(
+                f"`{group}.{name}` has no `_target_`; set one or disable it with `{group}.{name}=null`"
+            )
+        obj = instantiate(entry, **(kwargs or {}).get(str(name), {}))
+        if not isinstance(obj, kind):
+            raise ConfigError(f"`{group}.{name}` built a {type(obj).__name__}, not a {kind.__name__}")
+        built[str(name)] = obj
+    return built
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """Callbacks from the ``callbacks`` config group (a dict; ``null`` entries are skipped)."""
+    return list(_instantiate_entries(cfg, "callbacks", Callback).values())
+
+
+def _stable_run_id(output_dir: str | Path) -> str:
+    """Same id for the same run directory, so a requeued job continues its wandb run instead of starting one."""
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path | None = None) -> list[Logger]:
+    """Loggers from the ``logger`` config group; a WandbLogger without ``id`` gets one derived from the run dir."""
+    kwargs = {}
+    if cfg is not None and output_dir is not None:
+        for name, entry in cfg.items():
+            target = str(entry.get("_target_", "")) if isinstance(entry, DictConfig) else ""
+            if target.endswith("WandbLogger") and entry.get("id") is None:
+                kwargs[str(name)] = {"id": _stable_run_id(output_dir)}
+    return list(_instantiate_entries(cfg, "logger", Logger, kwargs).values())
+
+
+def _drop_lr_monitor_without_logger(callbacks: list[Callback], loggers: list[Logger]) -> list[Callback]:
+    """LearningRateMonitor raises at train start without a logger; with ``logger=none`` just leave it out."""
+    if loggers:
+        return callbacks
+    kept = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    if len(kept) != len(callbacks):
+        log.info("no logger configured: LearningRateMonitor left out")
+    return kept
+
+
+def _checkpoint_dir(callbacks: list[Callback], output_dir: str | Path) -> Path:
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            return Path(cb.dirpath)
+    return Path(output_dir) / "checkpoints"
+
+
+def resolve_ckpt_path(requested: str | None, ckpt_dir: str | Path, auto_resume: bool = True) -> str | None:
+    """The checkpoint to resume from.
+
+    - ``auto_resume`` and ``<ckpt_dir>/last.ckpt`` exists: that file. This is how a requeued SLURM job
+      continues; it wins over an explicit ``ckpt_path`` too, since restarting a requeued job from its
+      initial checkpoint would throw its progress away (set ``auto_resume=false`` to force ``ckpt_path``).
+    - ``"last"``: ``<ckpt_dir>/last.ckpt``, which must exist.
+    - a path: that file, which must exist.
+    """
+    last = Path(ckpt_dir) / LAST_CKPT
+    if auto_resume and last.is_file():
+        if requested not in (None, "last") and Path(requested).resolve() != last.resolve():
+            log.warning(f"auto-resume: '{last}' exists, resuming from it instead of ckpt_path={requested}")
+        else:
+            log.info(f"resuming from '{last}'")
+        return str(last)
+    if requested is None:
+        return None
+    if requested == "last":
+        if last.is_file():
+            return str(last)
+        raise FileNotFoundError(
+            f"ckpt_path=last but '{last}' does not exist. `last` is the run directory's checkpoints/{LAST_CKPT}: "
+            "rerun with hydra.run.dir=<the earlier run's directory>, or pass ckpt_path=/path/to/file.ckpt"
+        )
+    if not Path(requested).is_file():
+        raise FileNotFoundError(f"ckpt_path={requested} does not exist")
+    return str(requested)
+
+
+def _apply_extras(cfg: DictConfig) -> None:
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config"):
+        log.info("composed config:\n%s", OmegaConf.to_yaml(cfg))
+
+
+def _log_hyperparameters(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> None:
+    """Send the whole resolved config (plus parameter counts) to every logger."""
+    if not trainer.loggers:
+        return
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    hparams["model/params/total"] = sum(p.numel() for p in model.parameters())
+    hparams["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams)
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:  # never import wandb just to close it
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def metric_value(metrics: Mapping[str, float], name: str | None) -> float | None:
+    """The objective a Hydra sweeper (e.g. Optuna) optimises; ``None`` when no ``optimized_metric`` is set."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+    return metrics[name]
+
+
+def _single_console_log() -> None:
+    """The ``lightning`` package always adds its own console handler and still propagates to the root logger;
+    under Hydra the root logger already prints (and writes the run's log file), so every message came twice."""
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+
+
+def _seed(cfg: DictConfig) -> None:
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit ``cfg.model`` on ``cfg.data``; returns the final logged metrics (for sweepers and tests)."""
+    try:
+        _single_console_log()
+        _apply_extras(cfg)
+        _seed(cfg)
+        for key, hint in (
+            ("data", _choose("data")),
+            ("model", _choose("model")),
+            ("trainer", _choose("trainer")),
+            ("paths.output_dir", "run through train.py, or set paths.output_dir"),
+        ):
+            _require(cfg, key, hint)
+        output_dir = cfg.paths.output_dir
+
+        log.info(f"instantiating datamodule <{cfg.data.get('_target_')}>")
+        datamodule = instantiate(cfg.data)
+        degradation = None
+        if cfg.get("degradation") is not None:
+            _require(cfg, "degradation", _choose("degradation"))
+            log.info(f"instantiating degradation <{cfg.degradation.get('_target_')}>")
+            degradation = instantiate(cfg.degradation)
+        log.info(f"instantiating model <{cfg.model.get('_target_')}>")
+        model = instantiate(cfg.model, degradation=degradation)
+
+        callbacks = instantiate_callbacks(cfg.get("callbacks"))
+        loggers = instantiate_loggers(cfg.get("logger"), output_dir)
+        callbacks = _drop_lr_monitor_without_logger(callbacks, loggers)
+        log.info(f"instantiating trainer <{cfg.trainer.get('_target_')}>")
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        _log_hyperparameters(cfg, model, trainer)
+
+        ckpt_path = resolve_ckpt_path(
+            cfg.get("ckpt_path"), _checkpoint_dir(callbacks, output_dir), bool(cfg.get("auto_resume", True))
+        )
+        if cfg.get("train", True):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        else:
+            log.info("train=false: skipping fit, validating only")
+            trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        log.info(f"final metrics: {metrics}")
+        return metrics
+    finally:
+        _finish_wandb()
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _load_method_weights(model: L.LightningModule, cfg: DictConfig) -> None:
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if "state_dict" not in ckpt:
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} is not a train.py (Lightning) checkpoint; for released network weights "
+                "use model.pretrained=<file> instead"
+            )
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        log.info(f"loaded weights from {ckpt_path} (global step {ckpt.get('global_step')})")
+    elif not cfg.model.get("pretrained"):
+        raise ConfigError(
+            "eval.py needs trained weights: pass ckpt_path=<run dir>/checkpoints/last.ckpt (from train.py) or "
+            "model.pretrained=<released weights file>; evaluating a randomly initialised network is meaningless"
+        )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Restore every image of ``cfg.benchmark`` with ``cfg.model`` and write them as PNGs.
+
+    Scoring the written folder is a later step (the metric stack); this only produces the images.
+    """
+    _single_console_log()
+    _apply_extras(cfg)
+    _seed(cfg)
+    _require(cfg, "benchmark.dataset", _choose("benchmark"))
+    _require(cfg, "model", _choose("model"))
+    _require(cfg, "trainer", _choose("trainer"))
+    images_dir = Path(_require(cfg, "images_dir", "set images_dir=<folder for the restored images>"))
+
+    dataset = instantiate(cfg.benchmark.dataset)
+    if len(dataset) == 0:
+        raise ConfigError(f"benchmark `{cfg.benchmark.get('name')}` has no images")
+    model = instantiate(cfg.model)
+    _load_method_weights(model, cfg)
+    loader = DataLoader(
+        dataset,
+        batch_size=int(cfg.get("batch_size", 1)),
+        shuffle=False,
+        num_workers=int(cfg.get("num_workers", 0)),
+        collate_fn=collate_variable_size,
+    )
+    writer = PNGWriter(images_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
+    log.info(f"restoring {len(dataset)} images of benchmark `{cfg.benchmark.get('name')}` into {images_dir}")
+    trainer.predict(model, dataloaders=loader, return_predictions=False)
+    log.info(f"wrote {len(writer.written)} images to {images_dir}")
+    return {"images_dir": str(images_dir), "num_images": len(writer.written)}
