@@ -24,8 +24,8 @@ def gaussian_noise(
 ) -> Tensor:
     """Noise field N(0, 1)·σ/255 per pixel, (B, C, H, W); ``sigma`` and ``gray`` (0/1) are (B,)."""
     b, c, h, w = img.shape
-    sigma = sigma.to(img.dtype).view(b, 1, 1, 1)
-    gray = gray.to(img.dtype).view(b, 1, 1, 1)
+    sigma = sigma.to(img).view(b, 1, 1, 1)
+    gray = gray.to(img).view(b, 1, 1, 1)
     use_gray = bool(gray.sum() > 0)
     if use_gray:
         noise_gray = torch.randn(h, w, generator=generator, dtype=img.dtype, device=img.device) * sigma / 255.0
@@ -61,14 +61,14 @@ def poisson_noise(
 ) -> Tensor:
     """Shot-noise field, (B, C, H, W), scaled by ``scale`` (B,); gray (0/1, (B,)) uses the luma image."""
     b, c, h, w = img.shape
-    gray = gray.to(img.dtype).view(b, 1, 1, 1)
+    gray = gray.to(img).view(b, 1, 1, 1)
     use_gray = bool(gray.sum() > 0)
     if use_gray:
         noise_gray = _shot_noise(rgb_to_grayscale(img, num_output_channels=1), generator).expand(b, c, h, w)
     noise = _shot_noise(img, generator)
     if use_gray:
         noise = noise * (1 - gray) + noise_gray * gray
-    return noise * scale.to(img.dtype).view(b, 1, 1, 1)
+    return noise * scale.to(img).view(b, 1, 1, 1)
 
 
 def add_noise(img: Tensor, noise: Tensor) -> Tensor:
