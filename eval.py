@@ -1,9 +1,14 @@
-"""Restore a benchmark with a method: ``python eval.py model=realesrnet ckpt_path=<run>/checkpoints/last.ckpt``
-(config: configs/eval.yaml). The restored PNGs go to ``images_dir``; scoring them comes with the metric stack.
+"""Score a method (or a folder of restored images) on a benchmark: ``python eval.py benchmark=samples
+method=bicubic``; ``python eval.py benchmark=realsr outputs=DIR``. Config: configs/eval.yaml.
+Writes results.json/csv, table.md and report.html into the run directory.
 """
 
 import hydra
 from omegaconf import DictConfig
+
+from restore.evaluation.fingerprint import register_resolvers
+
+register_resolvers()  # ${eval_run_name:} names the run directory; needed before Hydra composes the config
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

@@ -23,18 +23,13 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-
-from restore.callbacks.image_writer import PNGWriter
-from restore.data.paired import collate_variable_size
 
 __all__ = [
     "ConfigError",
@@ -45,6 +40,9 @@ __all__ = [
     "resolve_ckpt_path",
     "train",
 ]
+
+if TYPE_CHECKING:
+    from restore.evaluation.runner import EvalSpec
 
 log = logging.getLogger(__name__)
 
@@ -271,54 +269,65 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- eval
-def _load_method_weights(model: L.LightningModule, cfg: DictConfig) -> None:
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if "state_dict" not in ckpt:
-            raise ConfigError(
-                f"ckpt_path={ckpt_path} is not a train.py (Lightning) checkpoint; for released network weights "
-                "use model.pretrained=<file> instead"
-            )
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-        log.info(f"loaded weights from {ckpt_path} (global step {ckpt.get('global_step')})")
-    elif not cfg.model.get("pretrained"):
+def _eval_spec(cfg: DictConfig) -> EvalSpec:
+    from restore.evaluation.benchmark import Benchmark
+    from restore.evaluation.fingerprint import method_label, run_key
+    from restore.evaluation.runner import EvalSpec
+
+    benchmark_cfg = _require(cfg, "benchmark", _choose("benchmark"))
+    method, outputs = cfg.get("method"), cfg.get("outputs")
+    if (method is None) == (outputs is None):
         raise ConfigError(
-            "eval.py needs trained weights: pass ckpt_path=<run dir>/checkpoints/last.ckpt (from train.py) or "
-            "model.pretrained=<released weights file>; evaluating a randomly initialised network is meaningless"
+            "say what to evaluate: a method (" + _choose("method").replace("choose one with ", "") + ", with "
+            "ckpt_path=... when it has trained weights) or outputs=<folder of restored images> — exactly one"
         )
+    if method is not None:
+        _require(cfg, "method", _choose("method"))
+    return EvalSpec(
+        benchmark=Benchmark.from_config(OmegaConf.to_container(benchmark_cfg, resolve=True)),
+        label=method_label(cfg),
+        run_dir=Path(_require(cfg, "paths.output_dir", "run through eval.py, or set paths.output_dir")),
+        run_key=run_key(cfg),
+        method=None if method is None else OmegaConf.to_container(method, resolve=True),
+        ckpt_path=cfg.get("ckpt_path"),
+        outputs=None if outputs is None else Path(str(outputs)).expanduser(),
+        metric_catalog=OmegaConf.to_container(cfg.metrics, resolve=True) if cfg.get("metrics") else None,
+        on_missing_weights=str(cfg.get("on_missing_weights", "warn")),
+        batch_size=int(cfg.get("batch_size", 8)),
+        num_workers=int(cfg.get("num_workers", 2)),
+        progress=bool(cfg.get("progress", True)),
+        report=OmegaConf.to_container(cfg.get("report") or {}, resolve=True),
+    )
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Restore every image of ``cfg.benchmark`` with ``cfg.model`` and write them as PNGs.
+def _evaluate_on_rank(fabric: Any, spec: EvalSpec) -> dict[str, Any] | None:
+    from restore.evaluation.runner import evaluate_benchmark
 
-    Scoring the written folder is a later step (the metric stack); this only produces the images.
+    return evaluate_benchmark(spec, fabric)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
+    """Restore ``cfg.benchmark`` with ``cfg.method`` (or take ``cfg.outputs``), score it and write the results.
+
+    Returns the results document (``results.json``) on rank 0.
     """
+    from restore.evaluation.parallel import fabric_from_trainer_config
+
     _single_console_log()
     _apply_extras(cfg)
     _seed(cfg)
-    _require(cfg, "benchmark.dataset", _choose("benchmark"))
-    _require(cfg, "model", _choose("model"))
-    _require(cfg, "trainer", _choose("trainer"))
-    images_dir = Path(_require(cfg, "images_dir", "set images_dir=<folder for the restored images>"))
-
-    dataset = instantiate(cfg.benchmark.dataset)
-    if len(dataset) == 0:
-        raise ConfigError(f"benchmark `{cfg.benchmark.get('name')}` has no images")
-    model = instantiate(cfg.model)
-    _load_method_weights(model, cfg)
-    loader = DataLoader(
-        dataset,
-        batch_size=int(cfg.get("batch_size", 1)),
-        shuffle=False,
-        num_workers=int(cfg.get("num_workers", 0)),
-        collate_fn=collate_variable_size,
+    spec = _eval_spec(cfg)
+    fabric = fabric_from_trainer_config(
+        OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else None
     )
-    writer = PNGWriter(images_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
-    log.info(f"restoring {len(dataset)} images of benchmark `{cfg.benchmark.get('name')}` into {images_dir}")
-    trainer.predict(model, dataloaders=loader, return_predictions=False)
-    log.info(f"wrote {len(writer.written)} images to {images_dir}")
-    return {"images_dir": str(images_dir), "num_images": len(writer.written)}
+    results = fabric.launch(_evaluate_on_rank, spec)
+    if results is not None:
+        table = (spec.run_dir / "table.md").read_text(encoding="utf-8")
+        log.info(f"{results['method']} on {results['benchmark']} ({results['num_scored']} images):\n{table}")
+        if results["missing_metrics"]:
+            names = " ".join(sorted(results["missing_metrics"]))
+            log.warning(
+                f"not scored (weights missing): {names}. Fetch them on a machine with internet: "
+                f"python -m restore.weights fetch --metric {names}"
+            )
+    return results

@@ -10,6 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from restore import CONFIG_DIR
+from restore.evaluation.fingerprint import register_resolvers
+
+register_resolvers()  # as eval.py does: configs/eval.yaml names its run directory with ${eval_run_name:}
 
 
 def options(group: str) -> list[str]:

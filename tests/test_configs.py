@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from restore import CONFIG_DIR
 from restore.data.image_io import write_image
+from restore.evaluation.benchmark import Benchmark
 from restore.run import ConfigError, instantiate_callbacks, instantiate_loggers
 
 GROUPS = [
@@ -32,6 +33,8 @@ GROUPS = [
     "benchmark",
     "debug",
     "degradation",
+    "method",
+    "metrics",
 ]
 
 
@@ -65,8 +68,7 @@ def _link_data(tmp_path: Path, data_root: Path) -> None:
 # Values for the mandatory `???` entries of generic configs (folder datasets/benchmarks).
 FILL = {
     "data.train.root": "DIV2K/DIV2K_train_HR",
-    "benchmark.dataset.lr_dir": "benchmarks/samples/lq",
-    "benchmark.dataset.gt_dir": "benchmarks/samples/gt",
+    "benchmark.lr_dir": "benchmarks/samples/lq",
 }
 
 
@@ -119,17 +121,20 @@ def test_ffhq_keeps_the_first_10k_faces(tmp_path: Path, fake_data_root: Path) ->
 
 
 @pytest.mark.parametrize("benchmark", options("benchmark"))
-def test_benchmark_composes_and_instantiates(benchmark: str, tmp_path: Path, fake_data_root: Path) -> None:
+def test_benchmark_config_builds(benchmark: str, tmp_path: Path, fake_data_root: Path) -> None:
     _link_data(tmp_path, fake_data_root)
-    cfg = compose_config("eval", [f"benchmark={benchmark}", "model=realesrnet_tiny"], tmp_path)
+    cfg = compose_config("eval", [f"benchmark={benchmark}", "method=bicubic"], tmp_path)
     _fill_missing(cfg, fake_data_root)
-    assert cfg.benchmark.name == benchmark
-    dataset = instantiate(cfg.benchmark.dataset)
-    item = dataset[0]
-    assert item["key"] == "0001.png" and item["lq"].shape == (3, 16, 16)
-    if "gt" in item:
-        assert item["gt"].shape == (3, 16 * cfg.benchmark.scale, 16 * cfg.benchmark.scale)
-    assert instantiate(cfg.model).scale == cfg.benchmark.scale
+    bench = Benchmark.from_config(OmegaConf.to_container(cfg.benchmark, resolve=True))
+    assert bench.name == benchmark and bench.scale == 4 and bench.crop_border == 0
+    assert bench.lr_dir.is_relative_to(tmp_path / "data") or bench.lr_dir.is_relative_to(fake_data_root)
+    unknown = [m for m in bench.metrics if m not in cfg.metrics]
+    assert not unknown, f"benchmark {benchmark} lists metrics missing from configs/metrics/default.yaml: {unknown}"
+    assert bench.has_reference == (benchmark not in ("reallr200", "folder"))  # folder: gt_dir optional
+    if benchmark in ("samples", "folder"):  # their folders exist in the fake data root
+        items, skipped = bench.collect()
+        assert [it.name for it in items] == ["0001"] and not skipped
+    assert instantiate(cfg.method.module).scale == cfg.benchmark.scale
 
 
 @pytest.mark.parametrize("model", options("model"))

@@ -1,33 +1,109 @@
-"""eval.py: restores a benchmark into PNGs with a method's weights; clear errors without a method or weights."""
+"""eval.py end to end on the embedded `samples` benchmark: restore (bicubic, a trained tiny RealESRNet) or
+score a folder, with per-image numbers checked against a hand-written PSNR, resume, odd inputs and errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra_helpers import compose_config
 
-from restore.data.image_io import list_images, read_image, write_image
+from restore.data.image_io import read_image, write_image
+from restore.evaluation.benchmark import BenchmarkError
+from restore.methods.checkpoints import MethodWeightsError
 from restore.methods.feedforward import FeedForwardSR
 from restore.models.rrdbnet import RRDBNet
 from restore.run import ConfigError, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}  # configs/model/realesrnet_tiny.yaml
+FAST = ["benchmark.metrics=[psnr,ssim,psnr_rgb]", "num_workers=0", "progress=false", "trainer=cpu"]
 
 
-@pytest.fixture()
-def data_root(tmp_path: Path) -> Path:
-    """``benchmarks/samples/{lq,gt}`` as scripts/prepare_testsets.py writes it, with two small pairs."""
-    root = tmp_path / "data"
-    for name, size in (("a", 12), ("b", 16)):
-        write_image(root / "benchmarks/samples/lq" / f"{name}.png", torch.rand(3, size, size))
-        write_image(root / "benchmarks/samples/gt" / f"{name}.png", torch.rand(3, 4 * size, 4 * size))
+def psnr_y_ycbcr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR on BT.601 YCbCr luma (16-235), 8-bit range: the SR papers' convention, written out by hand."""
+    weights = np.array([65.481, 128.553, 24.966]) / 255.0
+    ya = (a.astype(np.float64) * 255.0) @ weights + 16.0
+    yb = (b.astype(np.float64) * 255.0) @ weights + 16.0
+    return float(10 * np.log10(255.0**2 / np.mean((ya - yb) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def samples_root(tmp_path_factory) -> Path:
+    """The `samples` benchmark as eval.py builds it on first use (8 photos, 256² GT, 64² LR)."""
+    from restore.data.testsets import prepare_samples
+
+    root = tmp_path_factory.mktemp("data")
+    prepare_samples(root / "benchmarks/samples", progress=False)
     return root
+
+
+def _run_eval(args: list[str], log_dir: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, "eval.py", *args, f"paths.log_dir={log_dir}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _run_dirs(log_dir: Path, benchmark: str = "samples") -> list[Path]:
+    return sorted((log_dir / "eval" / benchmark).glob("*"))
+
+
+def test_bicubic_on_samples_then_resume_then_score_the_folder(samples_root: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    args = ["benchmark=samples", "method=bicubic", f"paths.data_root={samples_root}", *FAST]
+    proc = _run_eval(args, logs)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = _run_dirs(logs)
+    assert run.name.startswith("bicubic-")
+    results = json.loads((run / "results.json").read_text())
+    assert results["format"] == "restore.results/v1" and results["num_scored"] == 8
+    assert list(results["metrics"]) == ["psnr", "ssim", "psnr_rgb"]
+    assert results["metrics"]["psnr"]["lower_better"] is False
+    assert results["metrics"]["psnr"]["options"]["color_space"] == "ycbcr"
+    for rec in results["per_image"]:  # every number equals the convention computed by hand
+        sr, gt = read_image(rec["sr"]), read_image(rec["gt"])
+        assert sr.shape == gt.shape == (256, 256, 3)
+        assert rec["scores"]["psnr"] == pytest.approx(psnr_y_ycbcr(sr, gt), abs=1e-4)
+    mean = np.mean([r["scores"]["psnr"] for r in results["per_image"]])
+    assert results["aggregate"]["psnr"] == pytest.approx(mean, abs=1e-9)
+    table = (run / "table.md").read_text()
+    assert "PSNR ↑" in table and "bicubic" in table
+    csv_lines = (run / "results.csv").read_text().splitlines()
+    assert csv_lines[0] == "name,psnr,ssim,psnr_rgb" and len(csv_lines) == 10 and csv_lines[-1].startswith("mean,")
+    assert (run / "report.html").stat().st_size > 10_000
+
+    # the same command again: same directory, nothing restored or scored twice
+    score_lines = sum(len(p.read_text().splitlines()) for p in (run / "scores").glob("*.jsonl"))
+    mtimes = {p: p.stat().st_mtime_ns for p in (run / "images/samples").glob("*.png")}
+    proc = _run_eval(args, logs)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _run_dirs(logs) == [run]
+    assert "already scored" in proc.stderr + proc.stdout
+    assert sum(len(p.read_text().splitlines()) for p in (run / "scores").glob("*.jsonl")) == score_lines == 8
+    assert {p: p.stat().st_mtime_ns for p in (run / "images/samples").glob("*.png")} == mtimes
+
+    # a folder of restored images is scored by the same code: identical numbers
+    proc = _run_eval(
+        ["benchmark=samples", f"outputs={run / 'images/samples'}", "label=folder", f"paths.data_root={samples_root}", *FAST],
+        logs,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (folder_run,) = [d for d in _run_dirs(logs) if d.name.startswith("folder-")]
+    again = json.loads((folder_run / "results.json").read_text())
+    assert [r["scores"] for r in again["per_image"]] == [r["scores"] for r in results["per_image"]]
+    assert again["method"] == "folder"
 
 
 @pytest.fixture()
@@ -39,54 +115,75 @@ def tiny_ckpt(tmp_path: Path) -> Path:
     return path
 
 
-def test_eval_cli_writes_restored_images(data_root: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    args = [
-        "model=realesrnet_tiny",
-        f"ckpt_path={tiny_ckpt}",
-        f"paths.data_root={data_root}",
-        f"hydra.run.dir={run_dir}",
-        "trainer=cpu",
-        "num_workers=0",
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "eval.py", *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    written = list_images(run_dir / "images" / "samples")
-    assert [p.name for p in written] == ["a.png", "b.png"]
-    assert read_image(written[0]).shape == (48, 48, 3) and read_image(written[1]).shape == (64, 64, 3)
-
-
-def test_eval_without_a_method_names_the_key(data_root: Path, tmp_path: Path) -> None:
-    cfg = compose_config("eval", [], tmp_path)
-    with pytest.raises(ConfigError, match=r"`model` is required.*model=<realesrnet\|realesrnet_tiny>"):
-        evaluate(cfg)
-
-
-def test_eval_without_weights_refuses_random_init(data_root: Path, tmp_path: Path) -> None:
-    cfg = compose_config("eval", ["model=realesrnet_tiny", "trainer=cpu"], tmp_path)
-    with pytest.raises(ConfigError, match="needs trained weights: pass ckpt_path="):
-        evaluate(cfg)
-
-
-def test_eval_folder_benchmark_needs_its_folders(tmp_path: Path) -> None:
-    cfg = compose_config("eval", ["model=realesrnet_tiny", "benchmark=folder"], tmp_path)
-    with pytest.raises(
-        ConfigError, match=r"`benchmark\.dataset\.gt_dir`, `benchmark\.dataset\.lr_dir` must be set"
-    ):
-        evaluate(cfg)
-
-
-def test_eval_in_process_matches_the_method(data_root: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    cfg = compose_config("eval", ["model=realesrnet_tiny", "trainer=cpu", f"ckpt_path={tiny_ckpt}"], tmp_path)
-    result = evaluate(cfg)
-    assert result["num_images"] == 2 and Path(result["images_dir"]) == tmp_path / "run/images/samples"
+def test_trained_method_restores_and_is_scored(samples_root: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    cfg = compose_config("eval", ["method=realesrnet_tiny", f"ckpt_path={tiny_ckpt}", *FAST], tmp_path)
+    cfg.paths.data_root = str(samples_root)
+    results = evaluate(cfg)
+    assert results["method"] == "realesrnet_tiny" and results["num_scored"] == 8
     method = FeedForwardSR(RRDBNet(**TINY))
     method.load_state_dict(torch.load(tiny_ckpt, weights_only=True)["state_dict"])
-    lq = torch.from_numpy(read_image(data_root / "benchmarks/samples/lq/a.png")).permute(2, 0, 1)[None]
+    rec = results["per_image"][0]
+    lq = torch.from_numpy(read_image(rec["lr"])).permute(2, 0, 1)[None]
     with torch.no_grad():
         expected = torch.round(method.eval().restore(lq).clamp(0, 1)[0] * 255)
-    written = torch.from_numpy(read_image(Path(result["images_dir"]) / "a.png")).permute(2, 0, 1) * 255
+    written = torch.from_numpy(read_image(rec["sr"])).permute(2, 0, 1) * 255
+    assert Path(rec["sr"]) == tmp_path / "run/images/samples" / f"{rec['name']}.png"
     assert torch.equal(torch.round(written), expected)
+    assert rec["scores"]["psnr"] == pytest.approx(psnr_y_ycbcr(read_image(rec["sr"]), read_image(rec["gt"])), abs=1e-4)
+
+
+def test_odd_lr_files_are_restored_or_skipped_with_reasons(tmp_path: Path) -> None:
+    import cv2
+
+    lr, gt = tmp_path / "lr", tmp_path / "gt"
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((12, 10, 3)) * 255).astype(np.uint8)
+    lr.mkdir()
+    cv2.imwrite(str(lr / "rgba.png"), np.dstack([rgb, np.full((12, 10), 200, np.uint8)]))
+    cv2.imwrite(str(lr / "deep.tif"), rgb.astype(np.uint16) * 257)
+    cv2.imwrite(str(lr / "gray.png"), rgb[..., 0])
+    cv2.imwrite(str(lr / "photo.webp"), rgb, [cv2.IMWRITE_WEBP_QUALITY, 90])
+    (lr / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (lr / "readme.txt").write_text("not an image")
+    for name in ("rgba", "deep", "gray", "photo", "broken"):
+        write_image(gt / f"{name}.png", rng.random((48, 40, 3)))
+    overrides = ["benchmark=folder", f"benchmark.lr_dir={lr}", f"benchmark.gt_dir={gt}", "method=bicubic", *FAST]
+    results = evaluate(compose_config("eval", overrides, tmp_path))
+    assert sorted(r["name"] for r in results["per_image"]) == ["deep", "gray", "photo", "rgba"]
+    for rec in results["per_image"]:
+        assert Path(rec["sr"]).name == f"{rec['name']}.png" and read_image(rec["sr"]).shape == (48, 40, 3)
+    reasons = {s["name"]: s["reason"] for s in results["skipped"]}
+    assert set(reasons) == {"broken", "readme"}
+    assert "truncated" in reasons["broken"] or "corrupt" in reasons["broken"]
+    assert "not an image file" in reasons["readme"]
+    assert results["num_images"] == 5 and results["num_scored"] == 4
+
+
+def test_what_to_evaluate_must_be_said_exactly_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"a method \(method=<bicubic\|.*or outputs=<folder"):
+        evaluate(compose_config("eval", [], tmp_path))
+    with pytest.raises(ConfigError, match="exactly one"):
+        evaluate(compose_config("eval", ["method=bicubic", f"outputs={tmp_path}"], tmp_path))
+
+
+def test_trained_method_without_weights_is_refused(samples_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config("eval", ["method=realesrnet_tiny", *FAST], tmp_path)
+    cfg.paths.data_root = str(samples_root)
+    with pytest.raises(MethodWeightsError, match="needs trained weights: pass ckpt_path="):
+        evaluate(cfg)
+
+
+def test_folder_benchmark_needs_its_folder(tmp_path: Path) -> None:
+    cfg = compose_config("eval", ["method=bicubic", "benchmark=folder"], tmp_path)
+    with pytest.raises(ConfigError, match=r"`benchmark\.lr_dir` must be set .*benchmark\.lr_dir=\.\.\."):
+        evaluate(cfg)
+
+
+def test_a_run_directory_belongs_to_one_configuration(samples_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config("eval", ["method=bicubic", *FAST], tmp_path)
+    cfg.paths.data_root = str(samples_root)
+    evaluate(cfg)
+    changed = compose_config("eval", ["method=bicubic", "benchmark.crop_border=4", *FAST], tmp_path)
+    changed.paths.data_root = str(samples_root)
+    with pytest.raises(BenchmarkError, match="holds an evaluation with another configuration"):
+        evaluate(changed)

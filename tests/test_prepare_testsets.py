@@ -290,7 +290,7 @@ def test_div2k_val_small_images(pt, div2k, tmp_path, caplog):
     ):
         _div2k(pt, src, tmp_path / "a", num=2, batch_size=2)
     assert not (tmp_path / "a").exists()
-    with caplog.at_level(logging.INFO, logger="prepare_testsets"):
+    with caplog.at_level(logging.INFO, logger="restore.data.testsets"):
         summary = _div2k(pt, src, tmp_path / "b", num=2, batch_size=2, skip_small=True)
     assert (summary.written, summary.skipped) == (2, 1)
     assert "0802.png" in caplog.text and "smaller than the 128x128 crop" in caplog.text
@@ -352,7 +352,7 @@ def test_reallr200_normalises_odd_inputs(pt, tmp_path, photos, caplog):
     (src / "broken.png").write_text("not a PNG either")
     (src / ".DS_Store").write_bytes(b"\0\0")
 
-    with caplog.at_level(logging.INFO, logger="prepare_testsets"):
+    with caplog.at_level(logging.INFO, logger="restore.data.testsets"):
         summary = pt.prepare_lr_only(src, out, progress=False)
     assert (summary.written, summary.skipped) == (5, 3)
     assert summary.line() == f"reallr200: wrote 5 image(s), skipped 3 -> {out}"

@@ -1,0 +1,94 @@
+"""Fingerprints of an evaluation: what makes two runs' images and scores interchangeable.
+
+- :func:`run_key` hashes the composed config parts that define the result (benchmark, method, weights
+  file signature, scored folder, metric selection and settings) — not batch sizes, workers or devices.
+  ``eval.py`` names its run directory ``<label>-<run key>`` (resolver ``${eval_run_name:}``), so running
+  the same command again continues the same run, and any change that alters results gets a new directory:
+  nothing is recomputed needlessly and nothing of an earlier run is overwritten.
+- The score fingerprint adds what only the built metrics know (pyiqa version, each metric's resolved
+  options); every stored score line carries it (see :mod:`restore.evaluation.score_store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["ckpt_signature", "method_label", "register_resolvers", "run_key", "stable_hash"]
+
+
+def stable_hash(obj: Any, length: int = 10) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys), first ``length`` hex digits."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def ckpt_signature(path: str | os.PathLike | None) -> Any:
+    """Path, size and mtime of a weights file or folder: a retrained checkpoint at the same path differs."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        return str(p)  # reported as missing later, with the fix
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return [str(p.resolve()), [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _selected_metrics(cfg: DictConfig) -> dict[str, Any]:
+    catalog = cfg.get("metrics") or {}
+    selected = {}
+    for entry in _plain(cfg.benchmark.get("metrics")) or []:
+        if isinstance(entry, str):
+            selected[entry] = _plain(catalog.get(entry)) if entry in catalog else entry
+        else:
+            selected[str(entry.get("name"))] = entry
+    return selected
+
+
+def run_key(cfg: DictConfig) -> str:
+    """Hash of the config parts that define an evaluation's images and scores."""
+    outputs = cfg.get("outputs")
+    parts = {
+        "benchmark": _plain(cfg.benchmark),
+        "method": _plain(cfg.get("method")),
+        "weights": ckpt_signature(cfg.get("ckpt_path")),
+        "outputs": str(Path(outputs).expanduser().resolve()) if outputs else None,
+        "metrics": _selected_metrics(cfg),
+    }
+    return stable_hash(parts, 8)
+
+
+def method_label(cfg: DictConfig) -> str:
+    """Column name of the evaluated system: ``label``, else the method's name, else the scored folder's name."""
+    if cfg.get("label"):
+        return str(cfg.label)
+    method = cfg.get("method")
+    if method is not None and method.get("name"):
+        return str(method.name)
+    if cfg.get("outputs"):
+        return Path(str(cfg.outputs)).expanduser().resolve().name
+    return "unnamed"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"
+
+
+def _eval_run_name(*, _root_: DictConfig) -> str:
+    return f"{_safe(method_label(_root_))}-{run_key(_root_)}"
+
+
+def register_resolvers() -> None:
+    """``${eval_run_name:}`` for configs/eval.yaml's run directory (idempotent)."""
+    if not OmegaConf.has_resolver("eval_run_name"):
+        OmegaConf.register_new_resolver("eval_run_name", _eval_run_name)

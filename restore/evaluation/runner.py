@@ -1,0 +1,547 @@
+"""The benchmark runner behind ``eval.py``: restore a test set (or take a folder of restored images), score
+it, and write results.json / results.csv / table.md / report.html into the run directory.
+
+Per rank (one process per GPU, or one CPU process):
+
+1. list the benchmark (:class:`~restore.evaluation.benchmark.Benchmark`); skipped files are reported;
+2. what is scored: either the method restores this rank's share of the LR images into
+   ``images/<benchmark>/<name>.png`` (existing files of this run are kept: a resumed run does not restore
+   them again), or ``outputs=DIR`` names a folder of restored images, matched to the benchmark by name;
+3. score this rank's share: each restored image and its GT are decoded once (DataLoader workers), grouped
+   into batches of equal size and passed to every metric of the :class:`~restore.metrics.MetricSuite`;
+   each batch's records are appended to the score store before the next (a killed run loses one batch);
+4. gather every rank's records (exact, pickled objects), then rank 0 computes the set-level metrics (FID)
+   over the whole set and writes the outputs.
+
+Images are assigned to ranks round-robin in name order, so each one is restored and scored exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from restore.data.image_io import ImageReadError, read_image, to_tensor, write_image
+from restore.evaluation.benchmark import (
+    Benchmark,
+    BenchmarkError,
+    BenchmarkItem,
+    Skipped,
+    apply_steps,
+    index_images,
+)
+from restore.evaluation.fingerprint import stable_hash
+from restore.evaluation.parallel import barrier, gather_objects, world
+from restore.evaluation.score_store import ScoreStore, decode_features, encode_features, file_signature
+
+__all__ = ["EvalSpec", "evaluate_benchmark", "match_outputs", "RESULTS_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "restore.results/v1"
+RUN_KEY_FILE = "run_key.txt"
+
+
+@dataclass
+class EvalSpec:
+    """Everything one rank needs (picklable: Fabric may spawn the ranks)."""
+
+    benchmark: Benchmark
+    label: str
+    run_dir: Path
+    run_key: str
+    method: Mapping[str, Any] | None = None  # the `method` config node, as a plain dict
+    ckpt_path: str | None = None
+    outputs: Path | None = None
+    metric_catalog: Mapping[str, Any] | None = None
+    on_missing_weights: str = "warn"
+    batch_size: int = 8
+    num_workers: int = 2
+    progress: bool = True
+    report: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.run_dir / "images" / self.benchmark.name
+
+
+# ---------------------------------------------------------------------------------------------- outputs=
+def match_outputs(items: Sequence[BenchmarkItem], outputs: Path) -> dict[str, Path]:
+    """``name -> restored file`` for every benchmark item; an error lists missing and unexpected names."""
+    if not outputs.is_dir():
+        raise BenchmarkError(f"outputs={outputs} is not a folder")
+    found, _ = index_images(outputs, "", "outputs")
+    wanted = {it.name for it in items}
+    missing = sorted(wanted - set(found))
+    extra = sorted(set(found) - wanted)
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:10]) + (
+            f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        )
+        hint = (
+            f"; the folder also has {len(extra)} image(s) with other names, e.g. {extra[0]!r}"
+            if extra
+            else ""
+        )
+        raise BenchmarkError(
+            f"outputs={outputs}: {len(missing)} benchmark image(s) have no restored file of the same name "
+            f"(any image extension): {shown}{hint}. Name the restored files like the LR files"
+        )
+    if extra:
+        log.warning(
+            f"outputs={outputs}: {len(extra)} image(s) are not in the benchmark and are ignored, e.g. {extra[:3]}"
+        )
+    return {name: found[name] for name in wanted}
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) from the file header, None when unreadable (reported when decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:
+        return None
+
+
+def check_sizes(pairs: Sequence[tuple[str, Path, Path | None]], post: Sequence[Mapping[str, Any]]) -> None:
+    """Restored and GT images must have the same size (unless a ``post`` resize makes them equal)."""
+    if any("resize" in step for step in post):
+        return
+    wrong = []
+    for name, sr, gt in pairs:
+        if gt is None:
+            continue
+        a, b = _image_size(sr), _image_size(gt)
+        if a is not None and b is not None and a != b:
+            wrong.append(f"{name} (restored {a[0]}x{a[1]}, GT {b[0]}x{b[1]})")
+    if wrong:
+        shown = "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+        raise BenchmarkError(
+            f"{len(wrong)} restored image(s) differ in size from their GT: {shown}. Check the scale, or crop/"
+            "resize both with benchmark.post=[{center_crop: SIZE}] / [{resize: SIZE}]"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- restore
+def _load_method(spec: EvalSpec, device: torch.device) -> torch.nn.Module:
+    from hydra.utils import instantiate
+
+    from restore.methods.checkpoints import load_method_weights
+
+    method = spec.method or {}
+    if "module" not in method:
+        raise BenchmarkError("the method config has no `module` entry (see configs/method/)")
+    module = instantiate(method["module"])
+    if not hasattr(module, "restore"):
+        raise BenchmarkError(
+            f"method `{method.get('name')}` ({type(module).__name__}) has no restore(lq) method"
+        )
+    if method.get("requires_weights", True):
+        load_method_weights(module, spec.ckpt_path, method.get("name", "?"))
+    return module.to(device).eval()
+
+
+def restore_images(spec: EvalSpec, items: Sequence[BenchmarkItem], fabric: Any) -> list[Skipped]:
+    """Restore this rank's share of ``items`` into ``spec.images_dir`` (files already there are kept)."""
+    rank, size = world()
+    mine = [it for it in items[rank::size] if not (spec.images_dir / f"{it.name}.png").is_file()]
+    done = len(items[rank::size]) - len(mine)
+    if done and rank == 0:
+        log.info(f"resuming: {done} restored image(s) of this run already in {spec.images_dir}")
+    skipped: list[Skipped] = []
+    if not mine:
+        return skipped
+    device = fabric.device if fabric is not None else torch.device("cpu")
+    model = _load_method(spec, device)
+    scale = spec.benchmark.scale
+    bar = tqdm(
+        mine, desc=f"restore {spec.benchmark.name}", unit="img", disable=not spec.progress or rank != 0
+    )
+    for item in bar:
+        try:
+            lq = to_tensor(read_image(item.lr))
+        except ImageReadError as err:
+            skipped.append(Skipped(item.name, str(item.lr), f"{err.reason}. Fix: {err.fix}"))
+            log.warning(f"skipped '{item.lr}': {err.reason}")
+            continue
+        lq = apply_steps(lq, spec.benchmark.pre)
+        with torch.inference_mode(), fabric.autocast() if fabric is not None else _nullcontext():
+            sr = model.restore(lq[None].to(device))
+        expected = (lq.shape[1] * scale, lq.shape[2] * scale)
+        if tuple(sr.shape[-2:]) != expected:
+            raise BenchmarkError(
+                f"method `{spec.label}` returned {tuple(sr.shape[-2:])} for '{item.lr}' "
+                f"({lq.shape[1]}x{lq.shape[2]}); expected x{scale} = {expected}"
+            )
+        if not torch.isfinite(sr).all():
+            raise BenchmarkError(f"method `{spec.label}` returned NaN/inf pixels for '{item.lr}'")
+        write_image(spec.images_dir / f"{item.name}.png", sr[0].float().clamp(0, 1).cpu())
+    return skipped
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- score
+class _PairDecoder(Dataset):
+    """Decodes (restored, GT) once per image, applying the benchmark's ``post`` steps to both."""
+
+    def __init__(self, pairs: Sequence[tuple[str, Path, Path | None]], post: Sequence[Mapping[str, Any]]):
+        self.pairs = list(pairs)
+        self.post = list(post)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name, sr_path, gt_path = self.pairs[index]
+        out: dict[str, Any] = {"name": name, "sr_path": str(sr_path)}
+        try:
+            out["sr"] = apply_steps(to_tensor(read_image(sr_path)), self.post)
+            out["gt"] = None if gt_path is None else apply_steps(to_tensor(read_image(gt_path)), self.post)
+        except (ImageReadError, BenchmarkError) as err:
+            path = getattr(err, "path", sr_path)
+            out["error"] = (str(path), str(getattr(err, "reason", err)))
+            return out
+        if out["gt"] is not None and out["sr"].shape != out["gt"].shape:
+            out["error"] = (
+                str(sr_path),
+                f"restored {tuple(out['sr'].shape[1:])} != GT {tuple(out['gt'].shape[1:])}",
+            )
+        return out
+
+
+class _SameSizeBatches(Sampler[list[int]]):
+    """Consecutive indices of equal image size, at most ``batch_size`` per batch (metrics batch only equal sizes)."""
+
+    def __init__(self, sizes: Sequence[tuple[int, int] | None], batch_size: int) -> None:
+        self.sizes = list(sizes)
+        self.batch_size = max(1, int(batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for i, size in enumerate(self.sizes):
+            if batch and (len(batch) == self.batch_size or size is None or self.sizes[batch[0]] != size):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+def score_images(
+    spec: EvalSpec,
+    pairs: Sequence[tuple[str, Path, Path | None]],
+    suite: Any,
+    store: ScoreStore,
+    device: torch.device,
+) -> tuple[dict[str, dict[str, Any]], list[Skipped]]:
+    """Score this rank's share of ``pairs``; returns its records (resumed + new) and skipped images."""
+    rank, size = world()
+    mine = list(pairs[rank::size])
+    stored = store.load()
+    records: dict[str, dict[str, Any]] = {}
+    pending = []
+    for name, sr, gt in mine:
+        rec = stored.get(name)
+        if rec is not None and rec.get("sr_signature") == file_signature(sr):
+            records[name] = rec
+        else:
+            pending.append((name, sr, gt))
+    if records and rank == 0:
+        log.info(f"resuming: {len(records)} image(s) already scored with this configuration")
+    skipped: list[Skipped] = []
+    if not pending:
+        return records, skipped
+    sizes = [_image_size(sr) for _, sr, _ in pending]
+    loader = DataLoader(
+        _PairDecoder(pending, spec.benchmark.post),
+        batch_sampler=_SameSizeBatches(sizes, spec.batch_size),
+        num_workers=spec.num_workers,
+        collate_fn=_collate,
+    )
+    bar = tqdm(
+        total=len(pending),
+        desc=f"score {spec.benchmark.name}",
+        unit="img",
+        disable=not spec.progress or rank != 0,
+    )
+    for batch in loader:
+        good = []
+        for entry in batch:
+            if "error" in entry:
+                path, reason = entry["error"]
+                skipped.append(Skipped(entry["name"], path, reason))
+                log.warning(f"skipped '{entry['name']}': {reason}")
+            else:
+                good.append(entry)
+        if good:
+            sr = torch.stack([e["sr"] for e in good]).to(device)
+            gt = None if good[0]["gt"] is None else torch.stack([e["gt"] for e in good]).to(device)
+            scores = suite.score(sr, gt)
+            features = suite.set_features(sr, gt)
+            new = []
+            for i, entry in enumerate(good):
+                new.append(
+                    {
+                        "name": entry["name"],
+                        "sr_signature": file_signature(entry["sr_path"]),
+                        "scores": {k: float(v[i]) for k, v in scores.items()},
+                        "features": encode_features(
+                            {m: {r: t[i] for r, t in f.items()} for m, f in features.items()}
+                        ),
+                    }
+                )
+            store.append(new)
+            records.update({r["name"]: r for r in new})
+        bar.update(len(batch))
+    bar.close()
+    return records, skipped
+
+
+# ---------------------------------------------------------------------------------------------- results
+def _finite_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def build_results(
+    spec: EvalSpec,
+    items: Sequence[BenchmarkItem],
+    sr_paths: Mapping[str, Path],
+    records: Mapping[str, Mapping[str, Any]],
+    skipped: Sequence[Skipped],
+    suite: Any,
+    fingerprint: str,
+) -> dict[str, Any]:
+    """The results.json document (format ``restore.results/v1``, see restore/evaluation/results.py)."""
+    import pyiqa
+
+    describe = suite.describe()
+    scored = [it for it in items if it.name in records]
+    per_image = [
+        {
+            "name": it.name,
+            "sr": str(Path(sr_paths[it.name]).resolve()),
+            "lr": str(it.lr.resolve()),
+            "gt": None if it.gt is None else str(it.gt.resolve()),
+            "scores": dict(records[it.name]["scores"]),
+        }
+        for it in scored
+    ]
+    aggregate: dict[str, float] = {}
+    for name in suite.per_image:
+        values = [rec["scores"][name] for rec in per_image]
+        bad = sum(1 for v in values if not math.isfinite(v))
+        if bad:
+            log.warning(
+                f"{name}: {bad} image(s) scored NaN/inf; the mean is over the other {len(values) - bad}"
+            )
+        aggregate[name] = _finite_mean(values)
+    if suite.set_level and scored:
+        features: dict[str, dict[str, torch.Tensor]] = {}
+        for metric in suite.set_level:
+            decoded = [decode_features(records[it.name]["features"])[metric] for it in scored]
+            features[metric] = {
+                role: torch.from_numpy(np.stack([d[role] for d in decoded]).astype(np.float64))
+                for role in decoded[0]
+            }
+        aggregate.update({k: float(v) for k, v in suite.finalize(features).items()})
+    metrics = {
+        name: {
+            "lower_better": bool(suite.lower_better[name]),
+            "kind": suite.kind[name],
+            "pyiqa": describe[name].get("pyiqa", name),
+            "options": describe[name].get("options", {}),
+        }
+        for name in suite.names
+        if name in aggregate
+    }
+    return {
+        "format": RESULTS_FORMAT,
+        "method": spec.label,
+        "benchmark": spec.benchmark.name,
+        "scale": spec.benchmark.scale,
+        "num_images": len(items),
+        "num_scored": len(scored),
+        "metrics": metrics,
+        "aggregate": aggregate,
+        "per_image": per_image,
+        "skipped": [s.as_dict() for s in skipped],
+        "missing_metrics": dict(suite.missing),
+        "settings": {
+            **spec.benchmark.settings(),
+            "method": dict(spec.method) if spec.method else None,
+            "ckpt_path": spec.ckpt_path,
+            "outputs": None if spec.outputs is None else str(spec.outputs),
+            "metric_details": describe,
+            "pyiqa_version": pyiqa.__version__,
+            "torch_version": torch.__version__,
+            "config_hash": spec.run_key,
+            "score_fingerprint": fingerprint,
+        },
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def results_csv(results: Mapping[str, Any]) -> str:
+    """One row per image, then a ``mean`` row with the aggregate (set-level metrics only there)."""
+    names = list(results["metrics"])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", *names])
+    for rec in results["per_image"]:
+        writer.writerow([rec["name"], *(_fmt(rec["scores"].get(n)) for n in names)])
+    writer.writerow(["mean", *(_fmt(results["aggregate"].get(n)) for n in names)])
+    return buf.getvalue()
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(spec: EvalSpec, results: Mapping[str, Any]) -> dict[str, Path]:
+    """results.json, results.csv, table.md and (unless disabled) report.html in the run directory.
+
+    These files are derived from this run's scores, so a resumed run rewrites them; results of other runs
+    (``report.compare``) are only read.
+    """
+    from restore.evaluation.report import write_report
+    from restore.evaluation.results import load_results
+    from restore.evaluation.table import results_table
+
+    run_dir = spec.run_dir
+    paths = {"json": run_dir / "results.json", "csv": run_dir / "results.csv", "table": run_dir / "table.md"}
+    _write_text(paths["json"], json.dumps(results, indent=1, allow_nan=True) + "\n")
+    _write_text(paths["csv"], results_csv(results))
+    others = load_results(list(spec.report.get("compare") or [])) if spec.report.get("compare") else []
+    everyone = [*others, dict(results)]
+    _write_text(paths["table"], results_table(everyone, last=spec.label) + "\n")
+    if spec.report.get("enabled", True):
+        paths["report"] = write_report(
+            run_dir / "report.html",
+            [r for r in everyone if r["benchmark"] == results["benchmark"]],
+            max_images=spec.report.get("max_images"),
+            overwrite=True,
+        )
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def _check_run_dir(spec: EvalSpec) -> None:
+    """A run directory belongs to one configuration: refuse to mix another one's images and scores into it."""
+    marker = spec.run_dir / RUN_KEY_FILE
+    if marker.is_file():
+        previous = marker.read_text().strip()
+        if previous != spec.run_key:
+            raise BenchmarkError(
+                f"run directory '{spec.run_dir}' holds an evaluation with another configuration (key {previous}, "
+                f"this one is {spec.run_key}); its images and scores are kept. Use another hydra.run.dir"
+            )
+
+
+def _mark_run_dir(spec: EvalSpec) -> None:
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / RUN_KEY_FILE).write_text(spec.run_key + "\n")
+
+
+def _prepare_embedded(spec: EvalSpec) -> None:
+    """``benchmark.prepare: samples``: build the embedded test set on first use (rank 0; others wait)."""
+    from restore.data.testsets import META_FILE, prepare_samples
+
+    root = spec.benchmark.lr_dir.parent
+    if spec.benchmark.prepare != "samples":
+        raise BenchmarkError(f"unknown benchmark.prepare={spec.benchmark.prepare!r}; known: samples")
+    if not (root / META_FILE).is_file():
+        log.info(f"building the embedded `samples` test set in {root} (once)")
+        prepare_samples(root, progress=spec.progress)
+
+
+def evaluate_benchmark(spec: EvalSpec, fabric: Any = None) -> dict[str, Any] | None:
+    """Run one evaluation on this rank; rank 0 returns the results document, other ranks None."""
+    from restore.metrics import MetricSuite
+
+    rank, _ = world()
+    device = fabric.device if fabric is not None else torch.device("cpu")
+    _check_run_dir(spec)  # every rank, so that all of them stop on a mismatch
+    if rank == 0:
+        _mark_run_dir(spec)
+        if spec.benchmark.prepare and not (
+            spec.benchmark.lr_dir.is_dir() and any(spec.benchmark.lr_dir.iterdir())
+        ):
+            _prepare_embedded(spec)
+    barrier()
+    items, skipped = spec.benchmark.collect()
+    if spec.outputs is not None:
+        sr_paths = match_outputs(items, spec.outputs)
+    else:
+        skipped += restore_images(spec, items, fabric)
+        barrier()
+        # an LR that could not be read on any rank has no restored file: leave it out on every rank
+        sr_paths = {
+            it.name: spec.images_dir / f"{it.name}.png"
+            for it in items
+            if (spec.images_dir / f"{it.name}.png").is_file()
+        }
+    pairs = [(it.name, sr_paths[it.name], it.gt) for it in items if it.name in sr_paths]
+    check_sizes(pairs, spec.benchmark.post)
+
+    suite = MetricSuite(
+        spec.benchmark.metrics,
+        catalog=spec.metric_catalog,
+        device=device,
+        crop_border=spec.benchmark.crop_border,
+        has_reference=spec.benchmark.has_reference,
+        on_missing_weights=spec.on_missing_weights,
+    )
+    fingerprint = stable_hash({"run_key": spec.run_key, "metrics": suite.describe()}, 16)
+    store = ScoreStore(spec.run_dir / "scores", fingerprint, rank)
+    records, score_skipped = score_images(spec, pairs, suite, store, device)
+
+    gathered = gather_objects((records, skipped + score_skipped))
+    if rank != 0:
+        return None
+    all_records: dict[str, dict[str, Any]] = {}
+    all_skipped: dict[tuple[str, str], Skipped] = {}
+    for part_records, part_skipped in gathered:
+        all_records.update(part_records)
+        all_skipped.update({(s.name, s.path): s for s in part_skipped})
+    results = build_results(
+        spec, items, sr_paths, all_records, list(all_skipped.values()), suite, fingerprint
+    )
+    written = write_outputs(spec, results)
+    log.info("wrote " + ", ".join(str(p) for p in written.values()))
+    return results

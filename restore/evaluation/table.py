@@ -1,0 +1,385 @@
+"""Paper tables from ``results.json`` files, in the layout of SeeSR's Table 2 (Wu et al., CVPR 2024).
+
+Methods are columns; rows are grouped by benchmark, one row per metric with ↑/↓ after its name; in each
+row the best value is bold and the second best underlined. Ranking uses the values *as displayed* (after
+rounding to the metric's precision): two cells that read the same get the same mark, and the marks follow
+dense ranking (best distinct value bold, next distinct value underlined). Missing values show as "–".
+
+The same :class:`Table` model feeds the Markdown and LaTeX renderers here and the HTML table of the
+report (:mod:`restore.evaluation.report`), so all three always agree on numbers and marks.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from restore.evaluation.results import dedupe_results, finite, load_results, result_source, validate_all
+
+__all__ = [
+    "BENCHMARK_NAMES",
+    "DEFAULT_PRECISION",
+    "DISPLAY_NAMES",
+    "PRECISION",
+    "Cell",
+    "Group",
+    "Row",
+    "Table",
+    "build_table",
+    "load_results",
+    "metric_display_name",
+    "metric_precision",
+    "results_table",
+    "write_table",
+]
+
+#: Decimals per metric key (edit here, or pass ``precision=`` to override per call). Variants such as
+#: ``psnr_rgb`` fall back to the part before the first underscore.
+PRECISION: dict[str, int] = {
+    "psnr": 2,
+    "ssim": 4,
+    "lpips": 4,
+    "dists": 4,
+    "fid": 2,
+    "niqe": 4,
+    "maniqa": 4,
+    "musiq": 2,
+    "clipiqa": 4,
+}
+DEFAULT_PRECISION = 4
+
+#: Row labels for metric keys; unknown keys are upper-cased, with a suffix in brackets (``x_rgb`` -> "X (RGB)").
+DISPLAY_NAMES: dict[str, str] = {
+    "psnr": "PSNR",
+    "ssim": "SSIM",
+    "lpips": "LPIPS",
+    "dists": "DISTS",
+    "fid": "FID",
+    "niqe": "NIQE",
+    "maniqa": "MANIQA",
+    "musiq": "MUSIQ",
+    "clipiqa": "CLIPIQA",
+    "psnr_rgb": "PSNR (RGB)",
+    "psnr_y": "PSNR (Y)",
+    "ssim_rgb": "SSIM (RGB)",
+    "ssim_y": "SSIM (Y)",
+}
+
+#: Dataset-cell names for benchmark keys as the papers spell them; unknown names are shown as given.
+BENCHMARK_NAMES: dict[str, str] = {
+    "realsr": "RealSR",
+    "drealsr": "DRealSR",
+    "div2k_val": "DIV2K-Val",
+    "div2k": "DIV2K-Val",
+    "reallr200": "RealLR200",
+    "reallq250": "RealLQ250",
+}
+
+MISSING = "–"
+_DAGGER = "†"
+
+Mark = Literal["best", "second"] | None
+
+
+def metric_display_name(key: str) -> str:
+    """``psnr`` -> "PSNR", ``psnr_rgb`` -> "PSNR (RGB)", unknown ``foo_bar`` -> "FOO (BAR)"."""
+    if key in DISPLAY_NAMES:
+        return DISPLAY_NAMES[key]
+    base, _, suffix = key.partition("_")
+    base_name = DISPLAY_NAMES.get(base, base.upper())
+    return f"{base_name} ({suffix.upper()})" if suffix else base_name
+
+
+def metric_precision(key: str, overrides: Mapping[str, int] | None = None) -> int:
+    """Decimals for ``key``: ``overrides`` first, then :data:`PRECISION` (exact key, then its base)."""
+    for table in (overrides or {}, PRECISION):
+        if key in table:
+            return int(table[key])
+        base = key.partition("_")[0]
+        if base in table:
+            return int(table[base])
+    return DEFAULT_PRECISION
+
+
+@dataclass
+class Cell:
+    text: str  # formatted value, or MISSING
+    value: float | None  # the value as displayed (rounded), used for ranking and by the report
+    mark: Mark = None
+
+
+@dataclass
+class Row:
+    metric: str
+    label: str  # display name without arrow
+    lower_better: bool
+    cells: list[Cell]
+
+    @property
+    def arrow(self) -> str:
+        return "↓" if self.lower_better else "↑"
+
+
+@dataclass
+class Group:
+    benchmark: str
+    label: str  # display name of the benchmark
+    counts: dict[str, int]  # method -> number of scored images
+    rows: list[Row]
+    scales: dict[str, int]
+    flagged: bool = False  # has a footnote (different image counts or scales, skipped images)
+
+    @property
+    def counts_differ(self) -> bool:
+        return len(set(self.counts.values())) > 1
+
+    @property
+    def count_text(self) -> str:
+        """ "n=100", or "n=99–100" when the methods were scored on different numbers of images."""
+        values = sorted(set(self.counts.values()))
+        if not values:
+            return ""
+        return f"n={values[0]}" if len(values) == 1 else f"n={values[0]}–{values[-1]}"
+
+
+@dataclass
+class Table:
+    methods: list[str]
+    groups: list[Group]
+    footnotes: list[str] = field(default_factory=list)
+
+
+def _mark_cells(cells: list[Cell], lower_better: bool) -> None:
+    distinct = sorted({c.value for c in cells if c.value is not None}, reverse=not lower_better)
+    if len(distinct) == 0 or sum(c.value is not None for c in cells) < 2:
+        return  # a single number is not "best" of anything
+    for c in cells:
+        if c.value == distinct[0]:
+            c.mark = "best"
+        elif len(distinct) > 1 and c.value == distinct[1]:
+            c.mark = "second"
+
+
+def _order_methods(results: Sequence[Mapping[str, Any]], last: str | None) -> list[str]:
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    if last is not None:
+        if last not in methods:
+            raise ValueError(f"--last/last={last!r} is not one of the methods {methods}")
+        methods.remove(last)
+        methods.append(last)
+    return methods
+
+
+def build_table(
+    results: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] | None = None,
+    precision: Mapping[str, int] | None = None,
+    last: str | None = None,
+    on_duplicate: Literal["error", "newest"] = "error",
+) -> Table:
+    """The table model behind :func:`results_table` and the report: values, marks and footnotes.
+
+    ``metrics``: rows to show, in this order (default: every metric, in order of first appearance in the
+    results' ``metrics``). A requested metric that no result has raises ``ValueError``; within a benchmark,
+    rows where no method has a value are left out (e.g. PSNR on an LR-only set).
+    """
+    if not results:
+        raise ValueError("no results to tabulate")
+    results = dedupe_results(validate_all(results), on_duplicate)
+    methods = _order_methods(results, last)
+    specs: dict[str, Mapping[str, Any]] = {}  # metric -> first spec seen
+    spec_source: dict[str, str] = {}
+    for i, r in enumerate(results):
+        for name, spec in r["metrics"].items():
+            if name not in specs:
+                specs[name], spec_source[name] = spec, result_source(r, i)
+            elif bool(spec["lower_better"]) != bool(specs[name]["lower_better"]):
+                raise ValueError(
+                    f"metric {name!r} is lower-better in one result and higher-better in another "
+                    f"({spec_source[name]} vs {result_source(r, i)}); they cannot share a row"
+                )
+    if metrics is None:
+        metric_order = list(specs)
+    else:
+        metric_order = list(dict.fromkeys(metrics))
+        unknown = [m for m in metric_order if m not in specs]
+        if unknown:
+            raise ValueError(f"metric(s) {unknown} are in no result; available: {list(specs)}")
+
+    by_benchmark: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for r in results:
+        by_benchmark.setdefault(r["benchmark"], {})[r["method"]] = r
+    groups: list[Group] = []
+    for bench, per_method in by_benchmark.items():
+        rows = []
+        for metric in metric_order:
+            p = metric_precision(metric, precision)
+            cells = []
+            for m in methods:
+                raw = finite(per_method[m]["aggregate"].get(metric)) if m in per_method else None
+                if raw is None:
+                    cells.append(Cell(MISSING, None))
+                else:
+                    text = f"{raw:.{p}f}"
+                    cells.append(Cell(text, float(text)))
+            if all(c.value is None for c in cells):
+                continue
+            lower = bool(specs[metric]["lower_better"])
+            _mark_cells(cells, lower)
+            rows.append(Row(metric, metric_display_name(metric), lower, cells))
+        counts = {m: int(per_method[m]["num_scored"]) for m in methods if m in per_method}
+        scales = {m: int(per_method[m]["scale"]) for m in methods if m in per_method}
+        groups.append(Group(bench, BENCHMARK_NAMES.get(bench, bench), counts, rows, scales))
+
+    footnotes = []
+    for g in groups:
+        notes = []
+        if g.counts_differ:
+            detail = ", ".join(f"{m}: {n}" for m, n in g.counts.items())
+            notes.append(
+                f"{g.label}: the methods were scored on different numbers of images ({detail}); "
+                "comparing means over different image sets is misleading."
+            )
+        else:
+            short = [
+                f"{m}: {n} of {by_benchmark[g.benchmark][m]['num_images']}"
+                for m, n in g.counts.items()
+                if n < by_benchmark[g.benchmark][m]["num_images"]
+            ]
+            if short:
+                notes.append(f"{g.label}: not every image was scored ({', '.join(short)}).")
+        if len(set(g.scales.values())) > 1:
+            detail = ", ".join(f"{m}: ×{s}" for m, s in g.scales.items())
+            notes.append(f"{g.label}: the methods ran at different scales ({detail}).")
+        g.flagged = bool(notes)
+        footnotes += notes
+    return Table(methods, groups, footnotes)
+
+
+# --- Markdown ---------------------------------------------------------------------------------------
+
+
+def _md_escape(text: str) -> str:
+    # html.escape: GitHub treats <...> in cells as HTML; "|" would split the cell.
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+def _md_cell(c: Cell) -> str:
+    if c.mark == "best":
+        return f"**{c.text}**"
+    if c.mark == "second":
+        return f"<u>{c.text}</u>"  # Markdown has no underline; GitHub renders this inline HTML
+    return c.text
+
+
+def _render_markdown(t: Table) -> str:
+    lines = [
+        "| " + " | ".join(["Dataset", "Metric", *map(_md_escape, t.methods)]) + " |",
+        "|" + "|".join([":--", ":--"] + [":-:"] * len(t.methods)) + "|",
+    ]
+    for g in t.groups:
+        dataset = _md_escape(g.label) + (f" ({g.count_text})" if g.counts_differ else "")
+        dataset += _DAGGER if g.flagged else ""
+        for i, row in enumerate(g.rows):
+            first = dataset if i == 0 else ""
+            cells = [first, f"{_md_escape(row.label)} {row.arrow}", *map(_md_cell, row.cells)]
+            lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if t.footnotes:
+        # Blank lines between notes: each renders as its own paragraph.
+        text += "\n" + "\n\n".join(f"{_DAGGER} {_md_escape(f)}" for f in t.footnotes) + "\n"
+    return text
+
+
+# --- LaTeX ------------------------------------------------------------------------------------------
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "–": "--",
+    "×": r"$\times$",
+}
+
+
+def _tex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def _tex_cell(c: Cell) -> str:
+    if c.value is None:
+        return "--"
+    if c.mark == "best":
+        return rf"\textbf{{{c.text}}}"
+    if c.mark == "second":
+        return rf"\underline{{{c.text}}}"
+    return c.text
+
+
+def _render_latex(t: Table) -> str:
+    lines = [
+        r"% requires \usepackage{booktabs} and \usepackage{multirow}",
+        r"\begin{tabular}{ll" + "c" * len(t.methods) + "}",
+        r"\toprule",
+        " & ".join(["Dataset", "Metric", *map(_tex_escape, t.methods)]) + r" \\",
+        r"\midrule",
+    ]
+    for gi, g in enumerate(t.groups):
+        if gi:
+            lines.append(r"\midrule")
+        dataset = _tex_escape(g.label) + (f" ({_tex_escape(g.count_text)})" if g.counts_differ else "")
+        if g.flagged:
+            dataset += r"$^\dagger$"
+        for i, row in enumerate(g.rows):
+            first = rf"\multirow{{{len(g.rows)}}}{{*}}{{{dataset}}}" if i == 0 else ""
+            arrow = r"$\downarrow$" if row.lower_better else r"$\uparrow$"
+            lines.append(
+                " & ".join([first, f"{_tex_escape(row.label)} {arrow}", *map(_tex_cell, row.cells)]) + r" \\"
+            )
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    for note in t.footnotes:
+        lines.append(r"\par\footnotesize $^\dagger$ " + _tex_escape(note))
+    return "\n".join(lines) + "\n"
+
+
+def results_table(
+    results: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] | None = None,
+    fmt: Literal["markdown", "latex"] = "markdown",
+    precision: Mapping[str, int] | None = None,
+    last: str | None = None,
+    on_duplicate: Literal["error", "newest"] = "error",
+) -> str:
+    """Render loaded results (see :func:`load_results`) as a Markdown or LaTeX (booktabs) table.
+
+    ``last`` moves that method to the last column (the "ours" convention); otherwise columns follow first
+    appearance. ``precision`` overrides :data:`PRECISION` per metric. Two results for the same
+    (method, benchmark) raise ``ValueError`` naming both files unless ``on_duplicate="newest"``.
+    """
+    table = build_table(results, metrics=metrics, precision=precision, last=last, on_duplicate=on_duplicate)
+    if fmt == "markdown":
+        return _render_markdown(table)
+    if fmt == "latex":
+        return _render_latex(table)
+    raise ValueError(f"fmt must be 'markdown' or 'latex', got {fmt!r}")
+
+
+def write_table(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` (parents created); an existing file is kept unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"'{path}' already exists; pass overwrite=True (--force) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
