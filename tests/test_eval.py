@@ -96,7 +96,14 @@ def test_bicubic_on_samples_then_resume_then_score_the_folder(samples_root: Path
 
     # a folder of restored images is scored by the same code: identical numbers
     proc = _run_eval(
-        ["benchmark=samples", f"outputs={run / 'images/samples'}", "label=folder", f"paths.data_root={samples_root}", *FAST],
+        [
+            "benchmark=samples",
+            f"outputs={run / 'images/samples'}",
+            "label=folder",
+            f"paths.data_root={samples_root}",
+            f"report.compare=[{logs / 'eval/samples'}]",  # every run of this benchmark, itself included
+            *FAST,
+        ],
         logs,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -104,6 +111,7 @@ def test_bicubic_on_samples_then_resume_then_score_the_folder(samples_root: Path
     again = json.loads((folder_run / "results.json").read_text())
     assert [r["scores"] for r in again["per_image"]] == [r["scores"] for r in results["per_image"]]
     assert again["method"] == "folder"
+    assert (folder_run / "table.md").read_text().splitlines()[0] == "| Dataset | Metric | bicubic | folder |"
 
 
 @pytest.fixture()

@@ -70,9 +70,16 @@ def test_killed_run_resumes_without_recomputing(samples_root: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(samples_root: Path, tmp_path: Path) -> None:
-    single = evaluate(_cfg(tmp_path / "single", samples_root, ["trainer=cpu"]))
-    ddp = evaluate(_cfg(tmp_path / "ddp", samples_root, ["trainer=ddp_sim"]))
+def test_two_process_ddp_equals_one_process(samples_root: Path, tmp_path: Path, monkeypatch) -> None:
+    # FID (set-level: Inception features gathered from both ranks) with random weights in a private cache
+    from restore.weights.random_init import materialize_random_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # inherited by the spawned ranks
+    materialize_random_weights(["fid"])
+    with_fid = ["benchmark.metrics=[psnr,ssim,fid]"]
+    single = evaluate(_cfg(tmp_path / "single", samples_root, ["trainer=cpu", *with_fid]))
+    ddp = evaluate(_cfg(tmp_path / "ddp", samples_root, ["trainer=ddp_sim", *with_fid]))
+    assert set(ddp["aggregate"]) == {"psnr", "ssim", "fid"} and ddp["aggregate"]["fid"] > 0
     assert [r["name"] for r in ddp["per_image"]] == [r["name"] for r in single["per_image"]]
     assert [r["scores"] for r in ddp["per_image"]] == [r["scores"] for r in single["per_image"]]
     assert ddp["aggregate"] == single["aggregate"]

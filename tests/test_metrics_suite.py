@@ -66,16 +66,18 @@ def test_catalog_has_the_paper_settings():
     }  # fmt: skip
     for name in catalog:
         spec = resolve_spec(name, catalog)  # every entry is valid and names a pyiqa metric
-        assert spec.name == name and set(catalog[name]) <= {"pyiqa", "options", "crop_border"}
+        assert spec.name == name and set(catalog[name]) <= {"pyiqa", "options", "crop_border", "implementation"}
 
 
 def test_catalog_options_reach_pyiqa():
     suite = MetricSuite(["psnr", "ssim", "psnr_rgb", "ssim_rgb"])
-    psnr, ssim = suite._metrics["psnr"].net, suite._metrics["ssim"].net
+    psnr, ssim = suite._metrics["psnr"].net, suite._metrics["ssim"]  # ssim: implementation restore
     assert psnr.test_y_channel and psnr.kwargs == {"color_space": "ycbcr"}
-    assert ssim.test_y_channel and ssim.color_space == "ycbcr" and not ssim.downsample
+    assert ssim.test_y_channel and ssim.color_space == "ycbcr"
     assert not suite._metrics["psnr_rgb"].net.test_y_channel
-    assert not suite._metrics["ssim_rgb"].net.test_y_channel
+    assert not suite._metrics["ssim_rgb"].test_y_channel  # pyiqa's ssimc default, kept
+    pyiqa_ssim = MetricSuite([{"name": "ssim", "implementation": "pyiqa"}])._metrics["ssim"].net
+    assert pyiqa_ssim.test_y_channel and pyiqa_ssim.color_space == "ycbcr" and not pyiqa_ssim.downsample
 
 
 def test_entry_forms_and_errors():

@@ -448,6 +448,8 @@ def write_outputs(spec: EvalSpec, results: Mapping[str, Any]) -> dict[str, Path]
     _write_text(paths["json"], json.dumps(results, indent=1, allow_nan=True) + "\n")
     _write_text(paths["csv"], results_csv(results))
     others = load_results(list(spec.report.get("compare") or [])) if spec.report.get("compare") else []
+    # a compare folder may contain this run itself (e.g. logs/eval/realsr): its in-memory results win
+    others = [r for r in others if Path(r["_source"]).resolve() != paths["json"].resolve()]
     everyone = [*others, dict(results)]
     _write_text(paths["table"], results_table(everyone, last=spec.label) + "\n")
     if spec.report.get("enabled", True):
@@ -485,9 +487,10 @@ def _prepare_embedded(spec: EvalSpec) -> None:
     root = spec.benchmark.lr_dir.parent
     if spec.benchmark.prepare != "samples":
         raise BenchmarkError(f"unknown benchmark.prepare={spec.benchmark.prepare!r}; known: samples")
-    if not (root / META_FILE).is_file():
+    if not (root / META_FILE).is_file():  # meta.json is written last: absent = never built, or interrupted
         log.info(f"building the embedded `samples` test set in {root} (once)")
-        prepare_samples(root, progress=spec.progress)
+        # deterministic bytes, so finishing an interrupted build by rewriting its files loses nothing
+        prepare_samples(root, progress=spec.progress, overwrite=True)
 
 
 def evaluate_benchmark(spec: EvalSpec, fabric: Any = None) -> dict[str, Any] | None:
@@ -499,9 +502,7 @@ def evaluate_benchmark(spec: EvalSpec, fabric: Any = None) -> dict[str, Any] | N
     _check_run_dir(spec)  # every rank, so that all of them stop on a mismatch
     if rank == 0:
         _mark_run_dir(spec)
-        if spec.benchmark.prepare and not (
-            spec.benchmark.lr_dir.is_dir() and any(spec.benchmark.lr_dir.iterdir())
-        ):
+        if spec.benchmark.prepare:
             _prepare_embedded(spec)
     barrier()
     items, skipped = spec.benchmark.collect()

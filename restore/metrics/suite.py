@@ -33,7 +33,13 @@ from restore.weights import MissingWeightsError, check_metric_weights, files_for
 log = logging.getLogger(__name__)
 
 CATALOG_PATH = CONFIG_DIR / "metrics" / "default.yaml"
-_SPEC_KEYS = {"name", "pyiqa", "options", "crop_border"}
+_SPEC_KEYS = {"name", "pyiqa", "options", "crop_border", "implementation"}
+
+#: Faster re-implementations of pyiqa metrics that give pyiqa's numbers (``implementation: restore``).
+_RESTORE_IMPLEMENTATIONS = {
+    "ssim": "restore.metrics.ssim.SeparableSSIM",
+    "ssimc": "restore.metrics.ssim.SeparableSSIM",
+}
 
 #: What each pyiqa implementation does that a reader of a results table needs to know (spec B.1-B.3).
 _NOTES = {
@@ -63,6 +69,7 @@ class MetricSpec:
     pyiqa: str  # pyiqa registry name
     options: Mapping[str, Any] = field(default_factory=dict)  # passed to pyiqa.create_metric
     crop_border: bool = False  # whether the benchmark's crop_border applies
+    implementation: str = "pyiqa"  # "restore": the equivalent faster code in _RESTORE_IMPLEMENTATIONS
 
 
 def _plain(value: Any) -> Any:
@@ -115,8 +122,20 @@ def resolve_spec(entry: str | Mapping[str, Any], catalog: Mapping[str, Mapping[s
             f"metric {name!r}: set crop_border: true on the spec, not in options (the suite applies the "
             "benchmark's crop_border)"
         )
+    implementation = fields.get("implementation", "pyiqa")
+    if implementation not in ("pyiqa", "restore") or (
+        implementation == "restore" and pyiqa_name not in _RESTORE_IMPLEMENTATIONS
+    ):
+        raise ValueError(
+            f"metric {name!r}: implementation must be 'pyiqa' or, for {sorted(_RESTORE_IMPLEMENTATIONS)}, "
+            f"'restore'; got {implementation!r}"
+        )
     return MetricSpec(
-        name=name, pyiqa=pyiqa_name, options=options, crop_border=bool(fields.get("crop_border"))
+        name=name,
+        pyiqa=pyiqa_name,
+        options=options,
+        crop_border=bool(fields.get("crop_border")),
+        implementation=implementation,
     )
 
 
@@ -215,6 +234,12 @@ class MetricSuite:
             from restore.metrics.fid import FIDFeatures
 
             return FIDFeatures(self.device, **spec.options)
+        if spec.implementation == "restore":
+            from hydra.utils import get_class
+
+            defaults = {k: v for k, v in _pyiqa_configs()[spec.pyiqa]["metric_opts"].items() if k != "type"}
+            cls = get_class(_RESTORE_IMPLEMENTATIONS[spec.pyiqa])
+            return cls(**{**defaults, **spec.options}).to(self.device).eval()
         import pyiqa
 
         from restore.metrics.compat import install_pkg_resources_packaging
@@ -242,6 +267,9 @@ class MetricSuite:
                 "lower_better": self.lower_better[name],
                 "kind": self.kind[name],
                 "weights": [wf.name for wf in files_for_metric(spec.pyiqa, spec.options)],
+                "implementation": spec.implementation
+                if spec.implementation == "pyiqa"
+                else f"{_RESTORE_IMPLEMENTATIONS[spec.pyiqa]} (equals pyiqa's {spec.pyiqa})",
             }
             if spec.pyiqa in _NOTES:
                 entry["notes"] = _NOTES[spec.pyiqa]
