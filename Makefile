@@ -42,8 +42,9 @@ DEMO := outputs/demo
 demo: install
 	$(BIN)/python scripts/demo_degradation.py --out $(DEMO)
 	$(BIN)/python -m restore.weights fetch niqe_modelparameters.mat --from-basicsr
-	$(BIN)/python train.py experiment=realesrnet_tiny trainer.max_steps=300 extras.print_config=false \
-	  hydra.run.dir=$(DEMO)/train
+	# 10x the recipe's learning rate: 300 steps (~30 s) then reach ~22.7 dB instead of ~20.6 dB
+	$(BIN)/python train.py experiment=realesrnet_tiny trainer.max_steps=300 model.optimizer.lr=2e-3 \
+	  extras.print_config=false hydra.run.dir=$(DEMO)/train
 	$(BIN)/python eval.py benchmark=samples method=bicubic extras.print_config=false hydra.run.dir=$(DEMO)/eval_bicubic
 	$(BIN)/python eval.py benchmark=samples method=realesrnet_tiny ckpt_path=$(DEMO)/train/checkpoints/last.ckpt \
 	  report.compare=[$(DEMO)/eval_bicubic] extras.print_config=false hydra.run.dir=$(DEMO)/eval_realesrnet_tiny
