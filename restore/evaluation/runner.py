@@ -25,6 +25,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -180,7 +181,7 @@ def restore_images(spec: EvalSpec, items: Sequence[BenchmarkItem], fabric: Any) 
             log.warning(f"skipped '{item.lr}': {err.reason}")
             continue
         lq = apply_steps(lq, spec.benchmark.pre)
-        with torch.inference_mode(), fabric.autocast() if fabric is not None else _nullcontext():
+        with torch.inference_mode(), fabric.autocast() if fabric is not None else nullcontext():
             sr = model.restore(lq[None].to(device))
         expected = (lq.shape[1] * scale, lq.shape[2] * scale)
         if tuple(sr.shape[-2:]) != expected:
@@ -192,14 +193,6 @@ def restore_images(spec: EvalSpec, items: Sequence[BenchmarkItem], fabric: Any) 
             raise BenchmarkError(f"method `{spec.label}` returned NaN/inf pixels for '{item.lr}'")
         write_image(spec.images_dir / f"{item.name}.png", sr[0].float().clamp(0, 1).cpu())
     return skipped
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------- score
