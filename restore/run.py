@@ -13,6 +13,9 @@ together and owns the cross-cutting rules that every method shares:
 
 The method is built as ``instantiate(cfg.model, degradation=<instantiated cfg.degradation>)``: every
 training method takes the degradation that synthesises its LR inputs as the ``degradation`` argument.
+
+Evaluation turns the config into an :class:`~restore.evaluation.runner.EvalSpec` and runs the benchmark
+runner on every rank of a Lightning Fabric built from the same ``trainer`` group.
 """
 
 from __future__ import annotations

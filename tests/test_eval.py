@@ -195,3 +195,20 @@ def test_a_run_directory_belongs_to_one_configuration(samples_root: Path, tmp_pa
     changed.paths.data_root = str(samples_root)
     with pytest.raises(BenchmarkError, match="holds an evaluation with another configuration"):
         evaluate(changed)
+
+
+@pytest.mark.slow
+def test_ddp_relaunched_by_lightning_under_hydra_equals_one_process(samples_root: Path, tmp_path: Path) -> None:
+    """trainer=ddp re-runs eval.py once per rank (Lightning's subprocess launcher, as on GPU nodes): the
+    ranks must find the same run directory and together score every image once, with the same numbers."""
+    common = ["benchmark=samples", "method=bicubic", f"paths.data_root={samples_root}", *FAST[:-1]]
+    single = _run_eval([*common, "trainer=cpu"], tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-4000:]
+    ddp = _run_eval([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    (one,), (two,) = _run_dirs(tmp_path / "single"), _run_dirs(tmp_path / "ddp")
+    assert one.name == two.name  # the trainer is not part of the run key
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert [r["scores"] for r in a["per_image"]] == [r["scores"] for r in b["per_image"]]
+    lines = {p.name: len(p.read_text().splitlines()) for p in (two / "scores").glob("*.jsonl")}
+    assert lines == {"scores.rank0.jsonl": 4, "scores.rank1.jsonl": 4}
