@@ -212,3 +212,45 @@ def test_ddp_relaunched_by_lightning_under_hydra_equals_one_process(samples_root
     assert [r["scores"] for r in a["per_image"]] == [r["scores"] for r in b["per_image"]]
     lines = {p.name: len(p.read_text().splitlines()) for p in (two / "scores").glob("*.jsonl")}
     assert lines == {"scores.rank0.jsonl": 4, "scores.rank1.jsonl": 4}
+
+
+@pytest.mark.slow
+def test_kill_9_while_scoring_then_the_same_command_finishes_the_rest(samples_root: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    logs = tmp_path / "logs"
+    args = [
+        "benchmark=samples",
+        "method=bicubic",
+        f"paths.data_root={samples_root}",
+        "benchmark.metrics=[psnr,{name:ssim,implementation:pyiqa}]",  # pyiqa's slow SSIM: time to kill
+        "batch_size=1",
+        "num_workers=0",
+        "progress=false",
+        "trainer=cpu",
+        f"paths.log_dir={logs}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "eval.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        stored = list(logs.glob("eval/samples/*/scores/scores.rank0.jsonl"))
+        if stored and 1 <= len(stored[0].read_text().splitlines()) < 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    (run,) = _run_dirs(logs)
+    done_before = len((run / "scores/scores.rank0.jsonl").read_text().splitlines())
+    assert not (run / "results.json").exists()
+
+    again = _run_eval(args[:-1], logs)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resuming: {done_before} image(s) already scored" in again.stderr + again.stdout
+    names = [json.loads(line)["name"] for line in (run / "scores/scores.rank0.jsonl").read_text().splitlines()]
+    assert len(names) == len(set(names)) == 8
+    assert json.loads((run / "results.json").read_text())["num_scored"] == 8
