@@ -67,7 +67,9 @@ def load_batch(size: int, batch: int) -> tuple[torch.Tensor, str]:
         images, source = [read_image(p) for p in SPEC_IMAGES], "spec §A.8 images (../shared/testdata)"
     else:
         images, source = [load_embedded_photo(n) for n in EMBEDDED_PHOTO_NAMES], "embedded skimage photos"
-    crops = [torch.from_numpy(np.ascontiguousarray(pad_center_crop(im, size))).permute(2, 0, 1) for im in images]
+    crops = [
+        torch.from_numpy(np.ascontiguousarray(pad_center_crop(im, size))).permute(2, 0, 1) for im in images
+    ]
     while len(crops) < batch:
         crops += crops
     return torch.stack(crops[:batch]).float(), source
@@ -100,7 +102,9 @@ def run(name: str, step, hq: torch.Tensor, batches: int, warmup: int) -> dict:
         "images_per_s": len(hq) * batches / t.sum(),
         "ms_per_batch_mean": 1000 * t.mean(),
         "ms_per_batch_p10_p50_p90": [round(1000 * float(np.percentile(t, q)), 1) for q in (10, 50, 90)],
-        "psnr_lq_vs_area_gt_quantiles_5_25_50_75_95": [round(float(np.percentile(psnrs, q)), 2) for q in (5, 25, 50, 75, 95)],
+        "psnr_lq_vs_area_gt_quantiles_5_25_50_75_95": [
+            round(float(np.percentile(psnrs, q)), 2) for q in (5, 25, 50, 75, 95)
+        ],
         "samples": len(psnrs),
     }
 
@@ -173,7 +177,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
-    print(f"HR {args.batch_size}x3x{args.size}x{args.size} from {source}; {args.batches} timed batches; {machine}")
+    print(
+        f"HR {args.batch_size}x3x{args.size}x{args.size} from {source}; {args.batches} timed batches; {machine}"
+    )
     for name in ("restore", "basicsr"):
         if name in results:
             r = results[name]
@@ -191,7 +197,11 @@ def main() -> None:
             f"two-sample KS D = {check['ks_statistic']:.3f}, p = {check['ks_pvalue']:.2f}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "machine": machine, **results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"args": vars(args) | {"json": str(args.json)}, "machine": machine, **results}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -115,7 +115,9 @@ def run_plain_pyiqa(sr_dir: Path, gt_dir: Path) -> tuple[float, dict[str, list[f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)

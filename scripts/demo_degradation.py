@@ -42,8 +42,10 @@ def main() -> None:
         deg = RealESRGANDegradation.from_preset(preset)
         start = time.perf_counter()
         outputs[preset] = deg(hq, generator=torch.Generator().manual_seed(args.seed))
-        print(f"{preset}: {len(hq)} images {tuple(hq.shape[-2:])} -> {tuple(outputs[preset].lq.shape[-2:])} "
-              f"in {time.perf_counter() - start:.2f} s")
+        print(
+            f"{preset}: {len(hq)} images {tuple(hq.shape[-2:])} -> {tuple(outputs[preset].lq.shape[-2:])} "
+            f"in {time.perf_counter() - start:.2f} s"
+        )
         columns += [f"{preset} LR x4 nearest", f"{preset} LR x4 bicubic"]
 
     rows = []
@@ -55,7 +57,9 @@ def main() -> None:
             row.append(F.interpolate(lq, scale_factor=4, mode="bicubic").clamp(0, 1)[0])
         rows.append(row)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = save_comparison_grid(args.out / f"degradation_grid_{stamp}.png", rows, columns, names, panel_height=args.panel)
+    path = save_comparison_grid(
+        args.out / f"degradation_grid_{stamp}.png", rows, columns, names, panel_height=args.panel
+    )
     print(f"wrote {path}")
 
 

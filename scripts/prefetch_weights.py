@@ -21,7 +21,9 @@ PAPER_SUITE = ["lpips", "dists", "fid", "niqe", "maniqa", "musiq", "clipiqa"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--metric", nargs="+", default=PAPER_SUITE, help="pyiqa metric names")
     args = parser.parse_args(argv)
     return weights_main(["fetch", "--metric", *args.metric])

@@ -22,7 +22,9 @@ def _photo_batch(size: int) -> torch.Tensor:
     from skimage import data
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    resized = [cv2.resize(np.ascontiguousarray(p), (size, size), interpolation=cv2.INTER_AREA) for p in photos]
+    resized = [
+        cv2.resize(np.ascontiguousarray(p), (size, size), interpolation=cv2.INTER_AREA) for p in photos
+    ]
     return torch.stack([torch.from_numpy(r).permute(2, 0, 1).float() / 255.0 for r in resized])
 
 

@@ -44,7 +44,9 @@ def test_unmatched_names_are_an_error_listing_both_sides(tmp_path: Path) -> None
     for side, names in (("lr", ["a", "b", "c"]), ("gt", ["a", "d"])):
         for n in names:
             write_image(tmp_path / side / f"{n}.png", np.zeros((4, 4, 3)))
-    with pytest.raises(BenchmarkError, match=r"2 LR image\(s\) without GT: 'b', 'c'; 1 GT image\(s\) without LR: 'd'"):
+    with pytest.raises(
+        BenchmarkError, match=r"2 LR image\(s\) without GT: 'b', 'c'; 1 GT image\(s\) without LR: 'd'"
+    ):
         _bench(tmp_path / "lr", tmp_path / "gt").collect()
 
 
@@ -88,7 +90,9 @@ def test_outputs_folder_must_cover_the_benchmark(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "out/b.jpg"), np.zeros((16, 16, 3), np.uint8))  # any extension matches
     write_image(tmp_path / "out/zzz.png", np.zeros((16, 16, 3)))
     items, _ = _bench(tmp_path / "lr").collect()
-    with pytest.raises(BenchmarkError, match=r"1 benchmark image\(s\) have no restored file .*: 'c'.* e\.g\. 'zzz'"):
+    with pytest.raises(
+        BenchmarkError, match=r"1 benchmark image\(s\) have no restored file .*: 'c'.* e\.g\. 'zzz'"
+    ):
         match_outputs(items, tmp_path / "out")
     write_image(tmp_path / "out/c.png", np.zeros((16, 16, 3)))
     found = match_outputs(items, tmp_path / "out")
@@ -101,7 +105,9 @@ def test_size_mismatch_lists_the_offenders(tmp_path: Path) -> None:
     write_image(tmp_path / "gt/a.png", np.zeros((16, 16, 3)))
     write_image(tmp_path / "gt/b.png", np.zeros((16, 16, 3)))
     pairs = [(n, tmp_path / f"sr/{n}.png", tmp_path / f"gt/{n}.png") for n in ("a", "b")]
-    with pytest.raises(BenchmarkError, match=r"1 restored image\(s\) differ in size .*: b \(restored 16x12, GT 16x16\)"):
+    with pytest.raises(
+        BenchmarkError, match=r"1 restored image\(s\) differ in size .*: b \(restored 16x12, GT 16x16\)"
+    ):
         check_sizes(pairs, [])
     check_sizes(pairs, [{"resize": 8}])  # a post-resize makes them comparable
 
@@ -117,7 +123,9 @@ def test_score_store_resumes_only_matching_records(tmp_path: Path) -> None:
     loaded = store.load()
     assert sorted(loaded) == ["a", "b"]
     back = decode_features(loaded["a"]["features"])["fid"]
-    assert np.array_equal(back["sr"], feats["fid"]["sr"].numpy()) and np.array_equal(back["gt"], np.arange(7.0))
+    assert np.array_equal(back["sr"], feats["fid"]["sr"].numpy()) and np.array_equal(
+        back["gt"], np.arange(7.0)
+    )
     assert json.loads(store.path.read_text().splitlines()[0])["fingerprint"] == "fp-1"
 
 
@@ -140,7 +148,10 @@ def test_run_key_ignores_workers_but_not_weights_or_metrics(tmp_path: Path) -> N
     }
     key = run_key(OmegaConf.create(base))
     assert run_key(OmegaConf.create({**base, "num_workers": 8})) == key
-    assert run_key(OmegaConf.create({**base, "metrics": {"psnr": {"pyiqa": "psnr", "options": {"a": 1}}}})) != key
+    assert (
+        run_key(OmegaConf.create({**base, "metrics": {"psnr": {"pyiqa": "psnr", "options": {"a": 1}}}}))
+        != key
+    )
     sig = ckpt_signature(ckpt)
     ckpt.write_bytes(b"22")  # retrained into the same path
     assert ckpt_signature(ckpt) != sig and run_key(OmegaConf.create(base)) != key

@@ -129,7 +129,9 @@ def test_benchmark_config_builds(benchmark: str, tmp_path: Path, fake_data_root:
     assert bench.name == benchmark and bench.scale == 4 and bench.crop_border == 0
     assert bench.lr_dir.is_relative_to(tmp_path / "data") or bench.lr_dir.is_relative_to(fake_data_root)
     unknown = [m for m in bench.metrics if m not in cfg.metrics]
-    assert not unknown, f"benchmark {benchmark} lists metrics missing from configs/metrics/default.yaml: {unknown}"
+    assert not unknown, (
+        f"benchmark {benchmark} lists metrics missing from configs/metrics/default.yaml: {unknown}"
+    )
     assert bench.has_reference == (benchmark not in ("reallr200", "folder"))  # folder: gt_dir optional
     if benchmark in ("samples", "folder"):  # their folders exist in the fake data root
         items, skipped = bench.collect()

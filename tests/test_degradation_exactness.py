@@ -79,7 +79,9 @@ def test_sampled_kernels_are_the_kernels_of_their_parameters() -> None:
             if name in ("iso", "aniso"):
                 ref = _pad21(ref_deg.bivariate_Gaussian(*args, isotropic=iso))
             elif name.startswith("generalized"):
-                ref = _pad21(ref_deg.bivariate_generalized_Gaussian(*args, float(batch.beta[i]), isotropic=iso))
+                ref = _pad21(
+                    ref_deg.bivariate_generalized_Gaussian(*args, float(batch.beta[i]), isotropic=iso)
+                )
             else:
                 ref = _pad21(ref_deg.bivariate_plateau(*args, float(batch.beta[i]), isotropic=iso))
         np.testing.assert_allclose(batch.kernels[i].numpy(), ref.astype(np.float32), rtol=0, atol=1e-7)
@@ -89,7 +91,9 @@ def test_blur_equals_basicsr_filter2d(photos_128: torch.Tensor) -> None:
     batch = sample_blur_kernels(4, _spec(), torch.Generator().manual_seed(0))
     ref = ref_filter2D(photos_128, batch.kernels)
     torch.testing.assert_close(filter2d(photos_128, batch.kernels), ref, rtol=0, atol=1e-6)
-    torch.testing.assert_close(blur_per_sample(photos_128, batch.kernels, batch.sizes), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        blur_per_sample(photos_128, batch.kernels, batch.sizes), ref, rtol=0, atol=1e-6
+    )
 
 
 def test_final_sinc_with_pulses_equals_basicsr(photos_128: torch.Tensor) -> None:

@@ -34,7 +34,9 @@ def test_output_shapes_range_and_quantisation(photos_128: torch.Tensor) -> None:
     assert out.lq.min() >= 0 and out.lq.max() <= 1
     torch.testing.assert_close(out.lq * 255, (out.lq * 255).round(), rtol=0, atol=1e-4)
     assert not torch.equal(out.gt, photos_128)  # USM-sharpened target
-    plain = RealESRGANDegradation(usm_sharpen_gt=False, round_output=False)(photos_128, torch.Generator().manual_seed(0))
+    plain = RealESRGANDegradation(usm_sharpen_gt=False, round_output=False)(
+        photos_128, torch.Generator().manual_seed(0)
+    )
     assert torch.equal(plain.gt, photos_128)
     assert not torch.allclose(plain.lq * 255, (plain.lq * 255).round())
 

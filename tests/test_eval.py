@@ -81,7 +81,11 @@ def test_bicubic_on_samples_then_resume_then_score_the_folder(samples_root: Path
     table = (run / "table.md").read_text()
     assert "PSNR ↑" in table and "bicubic" in table
     csv_lines = (run / "results.csv").read_text().splitlines()
-    assert csv_lines[0] == "name,psnr,ssim,psnr_rgb" and len(csv_lines) == 10 and csv_lines[-1].startswith("mean,")
+    assert (
+        csv_lines[0] == "name,psnr,ssim,psnr_rgb"
+        and len(csv_lines) == 10
+        and csv_lines[-1].startswith("mean,")
+    )
     assert (run / "report.html").stat().st_size > 10_000
 
     # the same command again: same directory, nothing restored or scored twice
@@ -137,7 +141,9 @@ def test_trained_method_restores_and_is_scored(samples_root: Path, tiny_ckpt: Pa
     written = torch.from_numpy(read_image(rec["sr"])).permute(2, 0, 1) * 255
     assert Path(rec["sr"]) == tmp_path / "run/images/samples" / f"{rec['name']}.png"
     assert torch.equal(torch.round(written), expected)
-    assert rec["scores"]["psnr"] == pytest.approx(psnr_y_ycbcr(read_image(rec["sr"]), read_image(rec["gt"])), abs=1e-4)
+    assert rec["scores"]["psnr"] == pytest.approx(
+        psnr_y_ycbcr(read_image(rec["sr"]), read_image(rec["gt"])), abs=1e-4
+    )
 
 
 def test_odd_lr_files_are_restored_or_skipped_with_reasons(tmp_path: Path) -> None:
@@ -155,7 +161,13 @@ def test_odd_lr_files_are_restored_or_skipped_with_reasons(tmp_path: Path) -> No
     (lr / "readme.txt").write_text("not an image")
     for name in ("rgba", "deep", "gray", "photo", "broken"):
         write_image(gt / f"{name}.png", rng.random((48, 40, 3)))
-    overrides = ["benchmark=folder", f"benchmark.lr_dir={lr}", f"benchmark.gt_dir={gt}", "method=bicubic", *FAST]
+    overrides = [
+        "benchmark=folder",
+        f"benchmark.lr_dir={lr}",
+        f"benchmark.gt_dir={gt}",
+        "method=bicubic",
+        *FAST,
+    ]
     results = evaluate(compose_config("eval", overrides, tmp_path))
     assert sorted(r["name"] for r in results["per_image"]) == ["deep", "gray", "photo", "rgba"]
     for rec in results["per_image"]:
@@ -198,13 +210,17 @@ def test_a_run_directory_belongs_to_one_configuration(samples_root: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_ddp_relaunched_by_lightning_under_hydra_equals_one_process(samples_root: Path, tmp_path: Path) -> None:
+def test_ddp_relaunched_by_lightning_under_hydra_equals_one_process(
+    samples_root: Path, tmp_path: Path
+) -> None:
     """trainer=ddp re-runs eval.py once per rank (Lightning's subprocess launcher, as on GPU nodes): the
     ranks must find the same run directory and together score every image once, with the same numbers."""
     common = ["benchmark=samples", "method=bicubic", f"paths.data_root={samples_root}", *FAST[:-1]]
     single = _run_eval([*common, "trainer=cpu"], tmp_path / "single")
     assert single.returncode == 0, single.stderr[-4000:]
-    ddp = _run_eval([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tmp_path / "ddp")
+    ddp = _run_eval(
+        [*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tmp_path / "ddp"
+    )
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     (one,), (two,) = _run_dirs(tmp_path / "single"), _run_dirs(tmp_path / "ddp")
     assert one.name == two.name  # the trainer is not part of the run key
@@ -215,7 +231,9 @@ def test_ddp_relaunched_by_lightning_under_hydra_equals_one_process(samples_root
 
 
 @pytest.mark.slow
-def test_kill_9_while_scoring_then_the_same_command_finishes_the_rest(samples_root: Path, tmp_path: Path) -> None:
+def test_kill_9_while_scoring_then_the_same_command_finishes_the_rest(
+    samples_root: Path, tmp_path: Path
+) -> None:
     import signal
     import time
 
@@ -233,7 +251,11 @@ def test_kill_9_while_scoring_then_the_same_command_finishes_the_rest(samples_ro
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "eval.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "eval.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -251,6 +273,8 @@ def test_kill_9_while_scoring_then_the_same_command_finishes_the_rest(samples_ro
     again = _run_eval(args[:-1], logs)
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resuming: {done_before} image(s) already scored" in again.stderr + again.stdout
-    names = [json.loads(line)["name"] for line in (run / "scores/scores.rank0.jsonl").read_text().splitlines()]
+    names = [
+        json.loads(line)["name"] for line in (run / "scores/scores.rank0.jsonl").read_text().splitlines()
+    ]
     assert len(names) == len(set(names)) == 8
     assert json.loads((run / "results.json").read_text())["num_scored"] == 8

@@ -12,7 +12,13 @@ from hydra_helpers import compose_config
 from restore.metrics import MetricSuite
 from restore.run import evaluate
 
-FAST = ["benchmark.metrics=[psnr,ssim]", "num_workers=0", "progress=false", "batch_size=2", "report.enabled=false"]
+FAST = [
+    "benchmark.metrics=[psnr,ssim]",
+    "num_workers=0",
+    "progress=false",
+    "batch_size=2",
+    "report.enabled=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,11 @@ def _cfg(tmp_path: Path, samples_root: Path, extra: list[str]):
 
 
 def _score_lines(run: Path) -> list[dict]:
-    return [json.loads(line) for p in sorted((run / "scores").glob("*.jsonl")) for line in p.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for p in sorted((run / "scores").glob("*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
 
 
 class Killed(RuntimeError):
@@ -86,5 +96,7 @@ def test_two_process_ddp_equals_one_process(samples_root: Path, tmp_path: Path, 
     lines = _score_lines(tmp_path / "ddp/run")
     names = [line["name"] for line in lines]
     assert len(names) == len(set(names)) == 8  # each image scored exactly once
-    per_rank = {p.name: len(p.read_text().splitlines()) for p in (tmp_path / "ddp/run/scores").glob("*.jsonl")}
+    per_rank = {
+        p.name: len(p.read_text().splitlines()) for p in (tmp_path / "ddp/run/scores").glob("*.jsonl")
+    }
     assert per_rank == {"scores.rank0.jsonl": 4, "scores.rank1.jsonl": 4}

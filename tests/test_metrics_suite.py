@@ -66,7 +66,12 @@ def test_catalog_has_the_paper_settings():
     }  # fmt: skip
     for name in catalog:
         spec = resolve_spec(name, catalog)  # every entry is valid and names a pyiqa metric
-        assert spec.name == name and set(catalog[name]) <= {"pyiqa", "options", "crop_border", "implementation"}
+        assert spec.name == name and set(catalog[name]) <= {
+            "pyiqa",
+            "options",
+            "crop_border",
+            "implementation",
+        }
 
 
 def test_catalog_options_reach_pyiqa():

@@ -20,7 +20,9 @@ def prefetch(monkeypatch, tmp_path: Path):
         raise urllib.error.URLError("no network in tests")
 
     monkeypatch.setattr("torch.hub.download_url_to_file", offline)
-    spec = importlib.util.spec_from_file_location("prefetch_weights", ROOT / "scripts" / "prefetch_weights.py")
+    spec = importlib.util.spec_from_file_location(
+        "prefetch_weights", ROOT / "scripts" / "prefetch_weights.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

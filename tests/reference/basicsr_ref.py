@@ -56,8 +56,12 @@ class BasicSROps:
     def noise(self, img: torch.Tensor, stage) -> torch.Tensor:
         d = self.degradations
         if stage.gaussian:
-            return d.add_gaussian_noise_pt(img, sigma=stage.noise_sigma.float(), gray_noise=stage.gray_noise.float())
-        return d.add_poisson_noise_pt(img, scale=stage.poisson_scale.float(), gray_noise=stage.gray_noise.float())
+            return d.add_gaussian_noise_pt(
+                img, sigma=stage.noise_sigma.float(), gray_noise=stage.gray_noise.float()
+            )
+        return d.add_poisson_noise_pt(
+            img, scale=stage.poisson_scale.float(), gray_noise=stage.gray_noise.float()
+        )
 
 
 @torch.no_grad()
@@ -126,8 +130,14 @@ def _stage(opt, stage: int, batch: int, device) -> SimpleNamespace:
     sfx = "" if stage == 1 else "2"
     direction = random.choices(["up", "down", "keep"], getattr(opt, f"resize_prob{sfx}"))[0]
     lo, hi = getattr(opt, f"resize_range{sfx}")
-    scale = {"up": lambda: np.random.uniform(1, hi), "down": lambda: np.random.uniform(lo, 1), "keep": lambda: 1}
-    s = SimpleNamespace(resize_scale=float(scale[direction]()), resize_mode=random.choice(["area", "bilinear", "bicubic"]))
+    scale = {
+        "up": lambda: np.random.uniform(1, hi),
+        "down": lambda: np.random.uniform(lo, 1),
+        "keep": lambda: 1,
+    }
+    s = SimpleNamespace(
+        resize_scale=float(scale[direction]()), resize_mode=random.choice(["area", "bilinear", "bicubic"])
+    )
     s.gaussian = np.random.uniform() < getattr(opt, f"gaussian_noise_prob{sfx}")
     rng = getattr(opt, f"noise_range{sfx}") if s.gaussian else getattr(opt, f"poisson_scale_range{sfx}")
     level = torch.rand(batch, device=device) * (rng[1] - rng[0]) + rng[0]
@@ -140,7 +150,10 @@ def _stage(opt, stage: int, batch: int, device) -> SimpleNamespace:
 
 def sample_params_basicsr(ops: BasicSROps, opt, batch: int, device="cpu") -> SimpleNamespace:
     """Real-ESRGAN's draws for one batch: dataset-side kernels, then feed_data's batch/sample choices."""
-    kernels = [(_dataset_kernel(ops, opt, 1), _dataset_kernel(ops, opt, 2), _final_sinc(ops, opt)) for _ in range(batch)]
+    kernels = [
+        (_dataset_kernel(ops, opt, 1), _dataset_kernel(ops, opt, 2), _final_sinc(ops, opt))
+        for _ in range(batch)
+    ]
     stack = lambda i: SimpleNamespace(  # noqa: E731
         kernels=torch.from_numpy(np.stack([k[i] for k in kernels])).float().to(device)
     )

@@ -28,7 +28,9 @@ def gaussian_noise(
     gray = gray.to(img).view(b, 1, 1, 1)
     use_gray = bool(gray.sum() > 0)
     if use_gray:
-        noise_gray = torch.randn(h, w, generator=generator, dtype=img.dtype, device=img.device) * sigma / 255.0
+        noise_gray = (
+            torch.randn(h, w, generator=generator, dtype=img.dtype, device=img.device) * sigma / 255.0
+        )
     noise = torch.randn(b, c, h, w, generator=generator, dtype=img.dtype, device=img.device) * sigma / 255.0
     if use_gray:
         noise = noise * (1 - gray) + noise_gray * gray

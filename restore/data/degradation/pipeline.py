@@ -233,7 +233,9 @@ class RealESRGANDegradation(torch.nn.Module):
         stage2 = self._stage_params(batch, 2, generator, device)
         final_mode = RESIZE_MODES[int(torch.randint(3, (1,), generator=generator, device=device).item())]
         sinc_then_jpeg = bool(_rand(generator, device).item() < 0.5)
-        return DegradationParams(kernel1, kernel2, sinc, stage1, stage2, second_blur, final_mode, sinc_then_jpeg)
+        return DegradationParams(
+            kernel1, kernel2, sinc, stage1, stage2, second_blur, final_mode, sinc_then_jpeg
+        )
 
     # ------------------------------------------------------------------ deterministic application
     def _noise_and_jpeg(self, out: Tensor, p: StageParams, generator) -> Tensor:
@@ -244,7 +246,9 @@ class RealESRGANDegradation(torch.nn.Module):
         out = add_noise(out, noise)
         return self.jpeg(torch.clamp(out, 0, 1), p.jpeg_quality.to(out.dtype))
 
-    def apply(self, hq: Tensor, params: DegradationParams, generator: torch.Generator | None = None) -> DegradationOutput:
+    def apply(
+        self, hq: Tensor, params: DegradationParams, generator: torch.Generator | None = None
+    ) -> DegradationOutput:
         """Degrade ``hq`` with fixed ``params``; only the noise fields are drawn (from ``generator``)."""
         c = self.config
         h, w = hq.shape[-2:]
