@@ -92,7 +92,13 @@ def test_two_process_ddp_equals_one_process(samples_root: Path, tmp_path: Path, 
     assert set(ddp["aggregate"]) == {"psnr", "ssim", "fid"} and ddp["aggregate"]["fid"] > 0
     assert [r["name"] for r in ddp["per_image"]] == [r["name"] for r in single["per_image"]]
     assert [r["scores"] for r in ddp["per_image"]] == [r["scores"] for r in single["per_image"]]
-    assert ddp["aggregate"] == single["aggregate"]
+    assert {k: v for k, v in ddp["aggregate"].items() if k != "fid"} == {
+        k: v for k, v in single["aggregate"].items() if k != "fid"
+    }
+    # FID's Inception features are gathered bit-exactly, but Lightning gives each of the 2 ranks 1 CPU thread
+    # (the single process has 2): the CNN's float32 sums are ordered differently, so features agree to float32
+    # rounding (they do not depend on the batch), and FID to 1e-6
+    assert ddp["aggregate"]["fid"] == pytest.approx(single["aggregate"]["fid"], rel=1e-6)
     lines = _score_lines(tmp_path / "ddp/run")
     names = [line["name"] for line in lines]
     assert len(names) == len(set(names)) == 8  # each image scored exactly once

@@ -1,0 +1,283 @@
+"""SeeSR's Representation Cross-Attention (RCA) on stock diffusers models, without forking the UNet.
+
+Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.2 (RCA), §1.3 (ControlNet), §1.8 (checkpoint layout).
+
+SeeSR puts an ``image_attentions`` ``nn.ModuleList`` next to ``attentions`` in every cross-attention block of
+the UNet (down / mid / up) and of the ControlNet (down / mid). Each entry is a full diffusers
+``Transformer2DModel`` with the settings of the text attention it follows, except ``cross_attention_dim=512``
+(the RAM image tokens, ``[B, 145, 512]``) and one layer; default PyTorch init, *not* zero-init (§1.2).
+The official code forks diffusers 0.21's blocks to call it. Here the modules are attached to the stock blocks
+(same attribute names, so the state-dict keys are the official ones, checked against the spec's TSV lists) and
+run from a forward hook on ``attentions[i]``. A forward hook fires on the module's output, before the block
+carries on, so the order is the spec's: ``resnets[i] -> attentions[i] (text) -> image_attentions[i] (RAM)
+-> resnets[i + 1]`` (mid block: ``resnets[0] -> attentions[0] -> image_attentions[0] -> resnets[1]``).
+
+Passing the RAM tokens: :func:`representation_tokens` is a context manager that stores the tokens on the
+model for the duration of the call(s); :func:`forward_with_representation` is a one-call wrapper around it.
+Why a context and not a new forward argument:
+
+- the stock ``forward`` signatures stay unchanged, so diffusers pipelines, ``DistributedDataParallel`` and
+  ``torch.compile`` call the model exactly as before; the tokens only have to be set around the call;
+- ``cross_attention_kwargs`` would reach every ``Attention`` processor, and diffusers logs a warning per call
+  for keys a processor does not accept (spec ``ecosystem_and_style.md`` §1.2);
+- it nests: leaving a context restores whatever was set before (also on exceptions), and a hooked model
+  called outside any context raises :class:`MissingRepresentationTokensError` instead of silently skipping RCA.
+
+Gradient checkpointing is safe: diffusers checkpoints the resnets and, inside ``Transformer2DModel``, the
+transformer blocks with the tokens passed as an explicit argument, so a recomputation during ``backward()``
+(after the context has exited) never reads the stored tokens. Not supported: ``nn.DataParallel`` (its replicas
+share the hook objects, which point at the original device's modules; use DDP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from diffusers import ControlNetModel, Transformer2DModel
+from torch import Tensor, nn
+
+__all__ = [
+    "CONFIG_DIM_KEY",
+    "CONFIG_FLAG",
+    "RAM_TOKEN_DIM",
+    "RCA_ATTR",
+    "MissingRepresentationTokensError",
+    "add_representation_cross_attention",
+    "forward_with_representation",
+    "has_representation_cross_attention",
+    "representation_tokens",
+    "seesr_controlnet_from_unet",
+]
+
+#: Attribute name of the official ModuleList (spec §1.8: keys ``…blocks.N.image_attentions.i.…``).
+RCA_ATTR = "image_attentions"
+#: Config flag of the official models (spec §1.2: registered config carries ``use_image_cross_attention``).
+CONFIG_FLAG = "use_image_cross_attention"
+#: Our extra config key: the token width, so a model built with another width can be rebuilt from its config.
+CONFIG_DIM_KEY = "image_cross_attention_dim"
+#: RAM ``image_proj`` output width (spec §1.2: ``Linear 1536 -> 512``, tokens ``[B, 145, 512]``).
+RAM_TOKEN_DIM = 512
+
+_STATE_ATTR = "_rca_state"
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+class MissingRepresentationTokensError(RuntimeError):
+    """A model with RCA ran without RAM tokens (call it inside :func:`representation_tokens`)."""
+
+
+class _RCAState:
+    """Per-model slot for the RAM tokens of the current call; a plain object, so not in the state dict."""
+
+    def __init__(self, token_dim: int) -> None:
+        self.token_dim = token_dim
+        self.tokens: Tensor | None = None
+
+
+class _RCAHook:
+    """Forward hook on ``attentions[i]``: runs ``image_attentions[i]`` on its output with the RAM tokens.
+
+    A callable object rather than a closure: ``copy.deepcopy(model)`` (EMA copies, for instance) deep-copies
+    the hook's references together with the model, so the copy's hook runs the copy's RCA module; a closure
+    would be shared and keep calling the original's weights.
+    """
+
+    def __init__(self, image_attention: Transformer2DModel, state: _RCAState, site: str) -> None:
+        self.image_attention = image_attention
+        self.state = state
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        tokens = self.state.tokens
+        if tokens is None:
+            raise MissingRepresentationTokensError(
+                f"{self.site} has SeeSR representation cross-attention but the model was called without RAM "
+                f"tokens: call it inside `with representation_tokens(model, tokens):` or use "
+                f"`forward_with_representation(model, ..., image_encoder_hidden_states=tokens)`, "
+                f"tokens shaped [B, N, {self.state.token_dim}]."
+            )
+        # Transformer2DModel returns a 1-tuple with return_dict=False (what the blocks use) or an output
+        # dataclass with return_dict=True; hand back the same form.
+        hidden = output[0] if isinstance(output, tuple) else output.sample
+        if tokens.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"{self.site}: RAM tokens have batch {tokens.shape[0]} but the features have batch "
+                f"{hidden.shape[0]}; with classifier-free guidance pass the tokens batched like the latents "
+                f"(SeeSR uses the same tokens for both halves)."
+            )
+        # Like diffusers pipelines do for prompt embeddings: RAM runs in fp32 while the UNet may be fp16.
+        context = tokens.to(hidden.dtype)
+        out = self.image_attention(hidden, encoder_hidden_states=context, return_dict=False)[0]
+        if isinstance(output, tuple):
+            return (out, *output[1:])
+        # A fresh object of this call: update it rather than re-create it (that re-triggers a deprecation).
+        output.sample = out
+        return output
+
+
+def _cross_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) for every block with text ``attentions``: down, up (UNet only), then mid."""
+    blocks: list[tuple[str, nn.Module]] = []
+    for list_name in ("down_blocks", "up_blocks"):
+        for i, block in enumerate(getattr(model, list_name, None) or []):
+            if getattr(block, "attentions", None) is not None:
+                blocks.append((f"{list_name}.{i}", block))
+    mid = getattr(model, "mid_block", None)
+    if mid is not None and getattr(mid, "attentions", None) is not None:
+        blocks.append(("mid_block", mid))
+    return blocks
+
+
+def _place_after(parent: nn.Module, name: str, after: str) -> None:
+    """Move child ``name`` right behind child ``after`` in registration order.
+
+    The official blocks create ``image_attentions`` after ``resnets`` and before the up/down samplers
+    (spec TSVs); matching that order makes ``state_dict()`` list the keys in exactly the official order.
+    """
+    modules = parent._modules
+    keys = list(modules)
+    if after not in modules:
+        return
+    for key in keys[keys.index(after) + 1 :]:
+        if key != name:
+            modules[key] = modules.pop(key)  # re-inserting moves it to the end
+
+
+def _rca_like(text_attention: nn.Module, token_dim: int) -> Transformer2DModel:
+    """A Transformer2DModel with the text attention's settings, ``cross_attention_dim=token_dim``, one layer."""
+    if type(text_attention) is not Transformer2DModel:
+        raise TypeError(
+            f"RCA needs Transformer2DModel text attentions, got {type(text_attention).__name__} "
+            f"(dual cross-attention and simple cross-attention blocks are not supported)"
+        )
+    # Heads, head dim, channels, norm groups, linear projection, upcast, only-cross, norm type... exactly as
+    # registered by the text attention (SD-2: heads 5/10/20, head dim 64, linear proj; spec §1.2).
+    kwargs = {k: v for k, v in text_attention.config.items() if not k.startswith("_")}
+    kwargs.update(cross_attention_dim=token_dim, num_layers=1)
+    ref = next(text_attention.parameters())
+    # Build directly on the target device: on "meta" a full SD-2 RCA set costs nothing.
+    with torch.device(ref.device):
+        rca = Transformer2DModel(**kwargs)
+    if ref.dtype != torch.get_default_dtype():  # skip no-op casts: ModelMixin.to() logs a warning each time
+        rca.to(dtype=ref.dtype)
+    rca.train(text_attention.training)
+    if getattr(text_attention, "gradient_checkpointing", False):
+        rca.gradient_checkpointing = True
+        rca._gradient_checkpointing_func = text_attention._gradient_checkpointing_func
+    return rca
+
+
+def has_representation_cross_attention(model: nn.Module) -> bool:
+    """True when :func:`add_representation_cross_attention` was applied to ``model``."""
+    return isinstance(model.__dict__.get(_STATE_ATTR), _RCAState)
+
+
+def add_representation_cross_attention(model: ModelT, cross_attention_dim: int = RAM_TOKEN_DIM) -> ModelT:
+    """Attach SeeSR's ``image_attentions`` to a diffusers ``UNet2DConditionModel`` or ``ControlNetModel``.
+
+    Every block with text ``attentions`` gets ``block.image_attentions = nn.ModuleList`` with one
+    ``Transformer2DModel`` per text attention (settings copied from it, ``cross_attention_dim`` =
+    ``cross_attention_dim``, one layer, default init), and a forward hook on each ``attentions[i]`` that
+    applies ``image_attentions[i]`` to its output with the RAM tokens given by :func:`representation_tokens`.
+    The config records ``use_image_cross_attention=True`` (and ``image_cross_attention_dim``) so the model
+    can be rebuilt from it. Modifies ``model`` in place and returns it.
+    """
+    if has_representation_cross_attention(model):
+        raise ValueError(f"{type(model).__name__} already has representation cross-attention")
+    blocks = _cross_attention_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no cross-attention blocks to attach RCA to")
+    state = _RCAState(cross_attention_dim)
+    for block_name, block in blocks:
+        if hasattr(block, RCA_ATTR):
+            raise ValueError(f"{block_name} already has an `{RCA_ATTR}` attribute")
+        rcas = nn.ModuleList(_rca_like(attn, cross_attention_dim) for attn in block.attentions)
+        block.add_module(RCA_ATTR, rcas)
+        _place_after(block, RCA_ATTR, after="resnets")
+        for i, (attn, rca) in enumerate(zip(block.attentions, rcas)):
+            attn.register_forward_hook(_RCAHook(rca, state, f"{block_name}.attentions.{i}"))
+    model.__dict__[_STATE_ATTR] = state
+    model.register_to_config(**{CONFIG_FLAG: True, CONFIG_DIM_KEY: cross_attention_dim})
+    return model
+
+
+def _state_of(model: nn.Module) -> _RCAState:
+    """The RCA state of ``model``, looking through DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    current: nn.Module | None = model
+    for _ in range(4):  # a DDP of a compiled model at most; deeper nesting is not a real use
+        if current is None:
+            break
+        state = current.__dict__.get(_STATE_ATTR)
+        if isinstance(state, _RCAState):
+            return state
+        current = current._modules.get("module") or current._modules.get("_orig_mod")
+    raise ValueError(
+        f"{type(model).__name__} has no representation cross-attention; "
+        f"apply add_representation_cross_attention() first"
+    )
+
+
+@contextmanager
+def representation_tokens(model: nn.Module | Sequence[nn.Module], tokens: Tensor) -> Iterator[None]:
+    """Use ``tokens`` (RAM image embeddings ``[B, N, 512]``) as RCA context for every call inside the block.
+
+    ``model`` may be one model or several (e.g. ``(controlnet, unet)``, which see the same tokens in SeeSR,
+    spec §1.2/§1.3). The batch must equal the latent batch of each call (for CFG, the caller repeats the
+    tokens). On exit the previous tokens are restored, so contexts nest and exceptions leave nothing behind.
+    Not thread-safe for one model shared between threads (the tokens are stored on the model).
+    """
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    states = [_state_of(m) for m in models]
+    if not isinstance(tokens, Tensor) or tokens.ndim != 3:
+        raise ValueError(
+            f"RAM tokens must be a [B, N, C] tensor, got {getattr(tokens, 'shape', type(tokens))}"
+        )
+    for state in states:
+        if tokens.shape[-1] != state.token_dim:
+            raise ValueError(f"RAM tokens have width {tokens.shape[-1]}, the RCA expects {state.token_dim}")
+    previous = [state.tokens for state in states]
+    for state in states:
+        state.tokens = tokens
+    try:
+        yield
+    finally:
+        for state, prev in zip(states, previous):
+            state.tokens = prev
+
+
+def forward_with_representation(
+    model: nn.Module, *args: Any, image_encoder_hidden_states: Tensor, **kwargs: Any
+) -> Any:
+    """``model(*args, **kwargs)`` with ``image_encoder_hidden_states`` as RAM tokens (the official kwarg name)."""
+    with representation_tokens(model, image_encoder_hidden_states):
+        return model(*args, **kwargs)
+
+
+def seesr_controlnet_from_unet(unet: nn.Module, **from_unet_kwargs: Any) -> ControlNetModel:
+    """SeeSR's ControlNet: diffusers' ``ControlNetModel.from_unet`` plus RCA initialised from the UNet's RCA.
+
+    Spec §1.3: the official ``from_unet`` copies conv_in, time embedding, down blocks and mid block from the
+    UNet *including* its (random) RCA weights. diffusers' own copy is a strict ``load_state_dict`` of the
+    UNet's down/mid blocks, which would reject the UNet's extra ``image_attentions`` keys, so the structure
+    comes from ``from_unet(..., load_weights_from_unet=False)`` and the same submodules are copied here,
+    strictly, after RCA has been attached to the ControlNet. Built on the UNet's device and dtype.
+    """
+    if not has_representation_cross_attention(unet):
+        raise ValueError("the UNet has no representation cross-attention; build it with build_seesr_unet()")
+    ref = unet.conv_in.weight
+    with torch.device(ref.device):
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False, **from_unet_kwargs)
+    if ref.dtype != torch.get_default_dtype():
+        controlnet.to(dtype=ref.dtype)
+    add_representation_cross_attention(controlnet, cross_attention_dim=_state_of(unet).token_dim)
+    # The submodules diffusers' from_unet copies; strict, so RCA keys must line up one to one.
+    for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding"):
+        target = getattr(controlnet, name, None)
+        if target is not None:
+            target.load_state_dict(getattr(unet, name).state_dict())
+    controlnet.down_blocks.load_state_dict(unet.down_blocks.state_dict())
+    controlnet.mid_block.load_state_dict(unet.mid_block.state_dict())
+    return controlnet

@@ -1,0 +1,82 @@
+"""Print a full-size model part's state dict as ``key<TAB>shape`` lines (built on the meta device: no memory).
+
+    python scripts/inspect_model.py model=seesr part=unet|controlnet
+
+Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order, the format of
+the spec's key lists (``/work/shared/specs/seesr_xpsr_statedict/*.tsv``, spec seesr_xpsr.md §1.8), so
+``diff <(python scripts/inspect_model.py model=seesr part=unet) <(grep -v '^#' seesr_unet.tsv)`` compares them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+try:
+    import restore  # noqa: F401  (installed editable in .venv)
+except ImportError:  # run from a checkout without installing: use the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:  # torch and diffusers load lazily, so that a wrong argument fails fast
+    import torch
+
+
+def _seesr_unet() -> torch.nn.Module:
+    from restore.models.seesr import build_seesr_unet
+
+    return build_seesr_unet(device="meta")
+
+
+def _seesr_controlnet() -> torch.nn.Module:
+    from restore.models.seesr import build_seesr_controlnet, build_seesr_unet
+
+    return build_seesr_controlnet(build_seesr_unet(device="meta"))
+
+
+MODELS: dict[str, dict[str, Callable[[], torch.nn.Module]]] = {
+    "seesr": {"unet": _seesr_unet, "controlnet": _seesr_controlnet},
+}
+_KEYS = ("model", "part")
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """``key=value`` arguments; both ``model`` and ``part`` are required and must name a known builder."""
+    args: dict[str, str] = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _KEYS:
+            raise ValueError(f"expected arguments {' '.join(k + '=...' for k in _KEYS)}, got {item!r}")
+        args[key] = value
+    missing = [k for k in _KEYS if k not in args]
+    if missing:
+        raise ValueError(f"missing argument(s): {', '.join(missing)}")
+    if args["model"] not in MODELS:
+        raise ValueError(f"unknown model {args['model']!r}; options: {', '.join(sorted(MODELS))}")
+    parts = MODELS[args["model"]]
+    if args["part"] not in parts:
+        raise ValueError(
+            f"unknown part {args['part']!r} for model {args['model']!r}; options: {', '.join(sorted(parts))}"
+        )
+    return args
+
+
+def state_dict_lines(model: torch.nn.Module) -> list[str]:
+    """``key<TAB>AxBxC`` for every tensor of ``model.state_dict()``, in order."""
+    return [f"{key}\t{'x'.join(str(d) for d in t.shape)}" for key, t in model.state_dict().items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        print(f"inspect_model.py: error: {err}", file=sys.stderr)
+        return 2
+    model = MODELS[args["model"]][args["part"]]()
+    sys.stdout.write("\n".join(state_dict_lines(model)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
