@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from restore.methods.nonfinite_loss import skip_nonfinite_loss
+from restore.methods.rank_generator import RankGenerator, mixed_seed
 from restore.models.basicsr_weights import load_basicsr_state_dict
 
 __all__ = ["FeedForwardSR"]
@@ -40,11 +39,6 @@ warnings.filterwarnings(
 GENERATOR_CKPT_KEY = "degradation_generator"
 #: Distinct seed-sequence stream for validation degradations, so they never replay training draws.
 _VAL_STREAM = 1
-
-
-def _seed(*entropy: int) -> int:
-    """A well-mixed 63-bit seed from several integers (numpy SeedSequence), e.g. (seed, rank, step)."""
-    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _psnr(sr: Tensor, gt: Tensor) -> Tensor:
@@ -90,8 +84,7 @@ class FeedForwardSR(L.LightningModule):
         self._check_scales()
         if pretrained:
             self._load_pretrained(pretrained, pretrained_key)
-        self._generator: torch.Generator | None = None
-        self._pending_generator_state: dict[str, Any] | None = None
+        self.generator = RankGenerator(degradation_seed)
 
     # ------------------------------------------------------------------ construction helpers
     @property
@@ -147,34 +140,10 @@ class FeedForwardSR(L.LightningModule):
             out = deg(hq.float(), generator=generator)
         return out.lq, out.gt
 
-    def _train_generator(self, device: torch.device) -> torch.Generator:
-        """The per-rank synthesis generator, created on first use on the batch's device."""
-        if self._generator is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(_seed(self.hparams.degradation_seed, self.global_rank))
-            pending, self._pending_generator_state = self._pending_generator_state, None
-            if pending is not None:
-                self._restore_generator(gen, pending)
-            self._generator = gen
-        return self._generator
-
-    def _restore_generator(self, gen: torch.Generator, saved: dict[str, Any]) -> None:
-        states, world = saved["states"], self.trainer.world_size
-        if saved["device_type"] == gen.device.type and len(states) == world:
-            gen.set_state(states[self.global_rank])
-            return
-        step = self.trainer.global_step
-        gen.manual_seed(_seed(self.hparams.degradation_seed, self.global_rank, step))
-        rank_zero_warn(
-            f"the checkpoint's degradation generators were saved for {len(states)} rank(s) on "
-            f"'{saved['device_type']}', this run has {world} on '{gen.device.type}': reseeded from "
-            f"(degradation_seed, rank, step={step}); the degradations will differ from an uninterrupted run"
-        )
-
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if self.trainer.training and "lq" not in batch:
             hq = batch["hq"]
-            lq, gt = self._synthesise(hq, self._train_generator(hq.device))
+            lq, gt = self._synthesise(hq, self.generator.get(self, hq.device))
             batch = {**batch, "lq": lq, "gt": gt}
         return batch
 
@@ -182,19 +151,7 @@ class FeedForwardSR(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         sr = self.net(batch["lq"])
         loss = F.l1_loss(sr, batch["gt"])
-        # Decided across ranks, so every rank raises or skips together instead of hanging in a collective.
-        nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
-        if nonfinite:
-            msg = (
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}, on this or another rank)"
-            )
-            if not self.hparams.skip_nonfinite_loss:
-                raise FloatingPointError(
-                    f"{msg}. Training stopped; lower the learning rate, check the data, or set "
-                    "model.skip_nonfinite_loss=true to skip such steps"
-                )
-            rank_zero_warn(f"{msg}: step skipped (model.skip_nonfinite_loss=true)")
+        if skip_nonfinite_loss(self, loss, batch_idx, self.hparams.skip_nonfinite_loss):
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(sr))
         return loss
@@ -222,7 +179,9 @@ class FeedForwardSR(L.LightningModule):
         else:
             images = _per_image(batch["hq"])
             gen = torch.Generator(device=images[0].device)
-            gen.manual_seed(_seed(self.hparams.degradation_seed, _VAL_STREAM, self.global_rank, batch_idx))
+            gen.manual_seed(
+                mixed_seed(self.hparams.degradation_seed, _VAL_STREAM, self.global_rank, batch_idx)
+            )
             return [self._synthesise(hq, gen) for hq in images]
         return list(zip(_per_image(lqs), _per_image(gts), strict=True))
 
@@ -242,28 +201,12 @@ class FeedForwardSR(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._generator is None:  # nothing drawn since (re)start: keep what was loaded, if anything
-            if self._pending_generator_state is not None:
-                checkpoint[GENERATOR_CKPT_KEY] = self._pending_generator_state
-            return
-        state = self._generator.get_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # every rank calls this hook; gather so that rank 0 writes the states of all ranks
-            local = state.to(self.device)  # NCCL gathers CUDA tensors only
-            gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, local)
-            states = [s.cpu() for s in gathered]
-        else:
-            states = [state]
-        checkpoint[GENERATOR_CKPT_KEY] = {
-            "seed": self.hparams.degradation_seed,
-            "device_type": self._generator.device.type,
-            "states": states,
-        }
+        state = self.generator.state_dict(self)  # every rank calls this hook: the states are gathered
+        if state is not None:
+            checkpoint[GENERATOR_CKPT_KEY] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_generator_state = checkpoint.get(GENERATOR_CKPT_KEY)
-        self._generator = None  # recreated from the loaded state on the next training batch
+        self.generator.load_state_dict(checkpoint.get(GENERATOR_CKPT_KEY))
 
 
 def _per_image(images: Tensor | list[Tensor]) -> list[Tensor]:
