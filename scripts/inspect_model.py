@@ -3,7 +3,7 @@
     python scripts/inspect_model.py model=seesr part=unet|controlnet
 
 Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order, the format of
-the spec's key lists (``/work/shared/specs/seesr_xpsr_statedict/*.tsv``, spec seesr_xpsr.md §1.8), so
+the spec's key lists (``../shared/specs/seesr_xpsr_statedict/*.tsv``, spec seesr_xpsr.md §1.8), so
 ``diff <(python scripts/inspect_model.py model=seesr part=unet) <(grep -v '^#' seesr_unet.tsv)`` compares them.
 """
 

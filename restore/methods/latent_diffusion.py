@@ -1,6 +1,6 @@
 """Base method for diffusion-prior SR: a frozen latent T2I prior plus trainable condition modules.
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.5 (SeeSR training step: GT in [-1, 1] -> ``vae.encode(...)
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.5 (SeeSR training step: GT in [-1, 1] -> ``vae.encode(...)
 .latent_dist.sample() x 0.18215``, eps ~ N(0, I), t ~ U{0..999}, ``add_noise``, prompt replaced by "" with
 p=0.5, loss = MSE(eps_hat, eps); AdamW 5e-5 / wd 1e-2; no EMA; ``--scale_lr`` off; frozen VAE / text encoder /
 UNet except modules whose name ends with ``--trainable_modules``); §2 (XPSR, same step); and

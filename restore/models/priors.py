@@ -1,6 +1,6 @@
 """The frozen text-to-image prior the diffusion SR methods build on: VAE, UNet, text encoder, tokenizer, scheduler.
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.5 (SeeSR loads tokenizer / text encoder / VAE / DDPMScheduler /
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.5 (SeeSR loads tokenizer / text encoder / VAE / DDPMScheduler /
 UNet from the SD-2-base folder, latents ``x 0.18215``, epsilon target), §0 (XPSR: SD-1.5, same layout);
 ``dreamclear_supir_stablesr.md`` §3.4 (StableSR: SD-2.1-base, epsilon). All of them use the diffusers folder
 layout (``vae/ unet/ text_encoder/ tokenizer/ scheduler/``), which :meth:`FrozenPrior.from_pretrained` reads.

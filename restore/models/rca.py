@@ -1,6 +1,6 @@
 """SeeSR's Representation Cross-Attention (RCA) on stock diffusers models, without forking the UNet.
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.2 (RCA), §1.3 (ControlNet), §1.8 (checkpoint layout).
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.2 (RCA), §1.3 (ControlNet), §1.8 (checkpoint layout).
 
 SeeSR puts an ``image_attentions`` ``nn.ModuleList`` next to ``attentions`` in every cross-attention block of
 the UNet (down / mid / up) and of the ControlNet (down / mid). Each entry is a full diffusers

@@ -1,6 +1,6 @@
 """SeeSR's UNet and ControlNet: stock diffusers models plus Representation Cross-Attention (:mod:`.rca`).
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.2 (UNet = SD-2-base config + RCA), §1.3 (ControlNet),
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.2 (UNet = SD-2-base config + RCA), §1.3 (ControlNet),
 §1.8 / ``seesr_xpsr_statedict/seesr_{unet,controlnet}.tsv`` (every key and shape; checked by
 ``tests/test_seesr_models.py``). Full size: UNet 1102 tensors / 1,126,760,324 params, ControlNet 522 tensors /
 489,031,440 params.

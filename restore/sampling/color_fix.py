@@ -1,6 +1,6 @@
 """Colour correction of a diffusion output against a reference image (AdaIN and wavelet).
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.7 ("Color fix") and ``dreamclear_supir_stablesr.md`` §3.8.
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("Color fix") and ``dreamclear_supir_stablesr.md`` §3.8.
 The same two functions serve every method; only the reference differs: SeeSR/XPSR/StableSR use the
 bicubic-upscaled LR, DreamClear the SwinIR output, SUPIR the stage-1 decode.
 

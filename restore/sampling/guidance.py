@@ -1,6 +1,6 @@
 """Classifier-free guidance (CFG) on a doubled ``[uncond, cond]`` batch.
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.7 ("CFG": batch ``[uncond, cond]``, uncond = negative prompt,
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("CFG": batch ``[uncond, cond]``, uncond = negative prompt,
 ``eps = eps_u + s (eps_c - eps_u)``; SeeSR 5.5, XPSR 4.5) and ``dreamclear_supir_stablesr.md`` §1.8 step 6
 (DreamClear guides only the first 3 of the 4 latent channels; the rest come from the conditional half).
 

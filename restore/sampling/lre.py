@@ -1,6 +1,6 @@
 """LR-embedding (LRE) start: begin sampling from the noised latent of the LR image instead of pure noise.
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.7 ("LRE start", SeeSR paper §3.4) and §2.6 (XPSR start latent);
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("LRE start", SeeSR paper §3.4) and §2.6 (XPSR start latent);
 ``dreamclear_supir_stablesr.md`` §1.8 step 4 (DreamClear ``--lre``, reference = SwinIR latent) and §3.5
 (StableSR, t=999). SUPIR starts from pure noise and does not use this module.
 

@@ -1,6 +1,6 @@
 """Tiled VAE encode/decode for a diffusers ``AutoencoderKL``, with GroupNorm statistics shared by all tiles.
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.7 ("Tiled VAE": encoder tiles <= 1024 px with 32 px padding,
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("Tiled VAE": encoder tiles <= 1024 px with 32 px padding,
 decoder tiles <= 224 latent px with 11 px padding, GroupNorm statistics estimated across all tiles, bypassed
 when the image fits one tile) and ``dreamclear_supir_stablesr.md`` §2.7 (SUPIR: 512 px / 64 latent px).
 

@@ -1,6 +1,6 @@
 """Latent tiling: run a denoiser on overlapping latent tiles and blend the predictions with Gaussian weights.
 
-Spec: ``/work/shared/specs/seesr_xpsr.md`` §1.7 ("Latent tiling") and ``dreamclear_supir_stablesr.md`` §3.6
+Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("Latent tiling") and ``dreamclear_supir_stablesr.md`` §3.6
 (StableSR canvas), §1.8 step 7 (DreamClear), §5 (shared Gaussian weights, from mixture-of-diffusers).
 
 SeeSR's rule, the default here:
