@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
+    "image_size",
     "is_image_file",
     "list_images",
     "read_image",
@@ -56,6 +57,20 @@ class ImageReadError(OSError):
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when the suffix is one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) from the file header without decoding, or None when the header cannot be read
+    (the real read, :func:`read_image`, then raises a proper :class:`ImageReadError`). For checking a
+    whole set of files cheaply before any work."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - any failure just defers the check to read_image
+        return None
+    return height, width
 
 
 def _truncation_reason(data: bytes) -> str | None:

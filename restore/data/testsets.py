@@ -25,6 +25,7 @@ from restore.data.degradation import RealESRGANDegradation
 from restore.data.hr_datasets import EMBEDDED_PHOTO_NAMES, load_embedded_photo
 from restore.data.image_io import (
     ImageReadError,
+    image_size,
     is_image_file,
     list_images,
     read_image,
@@ -120,19 +121,6 @@ def _dumps_meta(meta: dict) -> str:
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def _image_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the file header (no decoding), or None when PIL cannot tell: the real read
-    later raises a proper ImageReadError. Used to validate a whole set before writing anything."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Exception:  # noqa: BLE001 - any failure just defers the check to read_image
-        return None
-    return height, width
 
 
 # --------------------------------------------------------------------------------- realsr / drealsr
@@ -273,7 +261,7 @@ def prepare_paired(
     out = Path(out)
     problems = []
     for pair in pairs:
-        lr_hw, gt_hw = _image_size(pair.lr), _image_size(pair.gt)
+        lr_hw, gt_hw = image_size(pair.lr), image_size(pair.gt)
         if lr_hw is not None and gt_hw is not None:
             problem = _geometry_problem(pair, lr_hw, gt_hw, lr_size, scale)
             if problem is not None:
@@ -481,7 +469,7 @@ def prepare_div2k_val(
     sources, skipped = [], []
     for path in files:
         key = path.relative_to(src).as_posix()
-        hw = _image_size(path)
+        hw = image_size(path)
         if hw is None:
             hw = read_image(path).shape[:2]  # raises ImageReadError naming the file
         if min(hw) < crop:

@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from restore.data.image_io import ImageReadError, read_image, to_tensor, write_image
+from restore.data.image_io import ImageReadError, image_size, read_image, to_tensor, write_image
 from restore.evaluation.benchmark import (
     Benchmark,
     BenchmarkError,
@@ -110,15 +109,6 @@ def match_outputs(items: Sequence[BenchmarkItem], outputs: Path) -> dict[str, Pa
     return {name: found[name] for name in wanted}
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
-    """(H, W) from the file header, None when unreadable (reported when decoding)."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except Exception:
-        return None
-
-
 def check_sizes(pairs: Sequence[tuple[str, Path, Path | None]], post: Sequence[Mapping[str, Any]]) -> None:
     """Restored and GT images must have the same size (unless a ``post`` resize makes them equal)."""
     if any("resize" in step for step in post):
@@ -127,7 +117,7 @@ def check_sizes(pairs: Sequence[tuple[str, Path, Path | None]], post: Sequence[M
     for name, sr, gt in pairs:
         if gt is None:
             continue
-        a, b = _image_size(sr), _image_size(gt)
+        a, b = image_size(sr), image_size(gt)
         if a is not None and b is not None and a != b:
             wrong.append(f"{name} (restored {a[0]}x{a[1]}, GT {b[0]}x{b[1]})")
     if wrong:
@@ -273,7 +263,7 @@ def score_images(
     skipped: list[Skipped] = []
     if not pending:
         return records, skipped
-    sizes = [_image_size(sr) for _, sr, _ in pending]
+    sizes = [image_size(sr) for _, sr, _ in pending]
     loader = DataLoader(
         _PairDecoder(pending, spec.benchmark.post),
         batch_sampler=_SameSizeBatches(sizes, spec.batch_size),
