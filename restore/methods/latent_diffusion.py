@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
@@ -83,6 +84,8 @@ class LatentDiffusionSR(L.LightningModule):
 
     #: Default of the ``trainable_prior_modules`` argument, for subclasses.
     trainable_prior_modules: tuple[str, ...] = ()
+    #: Subclass ``__init__`` arguments kept out of ``hparams`` (modules, e.g. a frozen tagger).
+    hparams_ignore: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -101,9 +104,13 @@ class LatentDiffusionSR(L.LightningModule):
         skip_nonfinite_loss: bool = False,
     ) -> None:
         super().__init__()
+        # Lightning collects the subclasses' __init__ arguments too: modules they take are named in
+        # `hparams_ignore` (hyper-parameters are deep-copied and written to every checkpoint).
         self.save_hyperparameters(
-            ignore=["prior", "trainable", "optimizer", "scheduler", "degradation"], logger=False
+            ignore=["prior", "trainable", "optimizer", "scheduler", "degradation", *self.hparams_ignore],
+            logger=False,
         )
+        self._plain_hparams()
         if not 0.0 <= null_prompt_prob <= 1.0:
             raise ValueError(f"null_prompt_prob must be in [0, 1], got {null_prompt_prob}")
         self._frozen_roots: list[str] = []
@@ -131,9 +138,16 @@ class LatentDiffusionSR(L.LightningModule):
                     module.enable_gradient_checkpointing()
 
         self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
-        self._ema_step = 0
         self._ema_reset_pending = False
         self.generator = RankGenerator(degradation_seed)
+
+    def _plain_hparams(self) -> None:
+        # Hydra hands over DictConfig/ListConfig values; checkpoints are read with weights_only=True, which
+        # refuses to unpickle them, so hyper-parameters are stored as plain containers.
+        for store in (self._hparams, self._hparams_initial):
+            for key, value in list(store.items()):
+                if isinstance(value, (DictConfig, ListConfig)):
+                    store[key] = OmegaConf.to_container(value, resolve=True)
 
     # ------------------------------------------------------------------ trainable vs frozen
     def build_trainable(self, prior: FrozenPrior) -> nn.ModuleDict:
@@ -274,7 +288,7 @@ class LatentDiffusionSR(L.LightningModule):
             for group in optimizer.param_groups:
                 group["lr"] *= factor
         if self.scheduler_factory is None:
-            return optimizer
+            return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -286,15 +300,15 @@ class LatentDiffusionSR(L.LightningModule):
 
     # ------------------------------------------------------------------ EMA
     def on_train_start(self) -> None:
-        self._ema_step = self.global_step  # resumed runs: only optimiser steps taken from here on count
         if self._ema_reset_pending and self.ema is not None:
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
             self._ema_reset_pending = False
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step counts optimiser steps, so accumulation and skipped steps do not update the EMA.
-        if self.ema is not None and self.global_step > self._ema_step:
-            self._ema_step = self.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the weights changed, once per optimiser step (not per accumulated micro-batch), and
+        # before on_train_batch_end, where ModelCheckpoint saves: a checkpoint's EMA includes its last step.
+        if self.ema is not None:
             self.ema.to(device=self.device)
             self.ema.step(self.trainable_parameters())
 

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from restore.models.seesr import tiny_unet_config
+from restore.models.seesr import sd2_base_unet_config, tiny_unet_config
 
 __all__ = [
     "DEFAULT_SUBFOLDERS",
@@ -29,6 +29,7 @@ __all__ = [
     "FrozenPrior",
     "PriorNotFoundError",
     "freeze",
+    "sd2_base_prior",
     "sd_scheduler_config",
     "tiny_prior",
 ]
@@ -250,3 +251,50 @@ def tiny_prior(seed: int = 0, unet_config: Mapping[str, Any] | None = None) -> F
     for module in (vae, unet, text_encoder):
         freeze(module)
     return FrozenPrior(vae, unet, text_encoder, tokenizer, DDPMScheduler(**sd_scheduler_config()))
+
+
+# ---------------------------------------------------------------------------------------------- full size
+# SD-2-base's VAE and OpenCLIP-ViT-H text tower as diffusers/transformers configure them
+# (stabilityai/stable-diffusion-2-base vae/config.json, text_encoder/config.json): the structure only, for
+# meta-device checks and random-init timing runs; real weights come from FrozenPrior.from_pretrained.
+_SD2_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": SD_SCALING_FACTOR,
+}
+_SD2_TEXT_ENCODER: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,  # OpenCLIP-H has 24; SD 2 uses the penultimate layer, diffusers drops the last
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+
+
+def sd2_base_prior(device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> FrozenPrior:
+    """The SD-2-base prior's structure at full size with random weights (frozen).
+
+    ``device="meta"`` allocates nothing: parameter counts and the trainable set of a full-size method can be
+    checked on any machine. On a GPU it is the random-init model of ``benchmarks/train_step.py``. The tokenizer
+    is the tiny in-code one (the real vocabulary ships with the weights); its ids fit the full embedding table.
+    """
+    with torch.device(device):
+        vae = AutoencoderKL(**_SD2_VAE)
+        unet = UNet2DConditionModel(**sd2_base_unet_config())
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_SD2_TEXT_ENCODER))
+    if dtype is not None:
+        for module in (vae, unet, text_encoder):
+            module.to(dtype=dtype)
+    for module in (vae, unet, text_encoder):
+        freeze(module)
+    return FrozenPrior(vae, unet, text_encoder, _tiny_tokenizer(), DDPMScheduler(**sd_scheduler_config()))

@@ -1,0 +1,16 @@
+"""RAM (Recognize Anything) tagger: the backbone of SeeSR's DAPE (``../shared/specs/seesr_xpsr.md`` §1.4).
+
+:mod:`.swin` (image encoder), :mod:`.tagging_head` (label-query decoder), :mod:`.ram` (the tagger, its files
+and its checkpoint loader). LoRA and the DAPE weights live in :mod:`restore.models.dape`.
+"""
+
+from restore.models.ram.ram import (
+    RAM,
+    RAM_VARIANTS,
+    MissingModelFileError,
+    RAMConfig,
+    build_ram,
+    load_ram_checkpoint,
+)
+
+__all__ = ["RAM", "RAM_VARIANTS", "MissingModelFileError", "RAMConfig", "build_ram", "load_ram_checkpoint"]
