@@ -221,16 +221,16 @@ def infer(cfg: DictConfig) -> InferSummary:
     from tqdm.auto import tqdm
 
     from restore.data.image_io import ImageReadError, read_image, to_tensor, write_image
-    from restore.run import _apply_extras, _choose, _require, _seed, _single_console_log
+    from restore.run import apply_extras, group_choices, require_key, seed_from_config, single_console_log
 
-    _single_console_log()
-    _apply_extras(cfg)
-    _require(cfg, "model", _choose("model"))
+    single_console_log()
+    apply_extras(cfg)
+    require_key(cfg, "model", group_choices("model"))
     input_path = Path(
-        to_absolute_path(str(_require(cfg, "input", "the image or folder to restore: input=DIR")))
+        to_absolute_path(str(require_key(cfg, "input", "the image or folder to restore: input=DIR")))
     )
     output_dir = Path(
-        to_absolute_path(str(_require(cfg, "output", "the folder for the results: output=DIR")))
+        to_absolute_path(str(require_key(cfg, "output", "the folder for the results: output=DIR")))
     )
     overwrite = bool(cfg.get("overwrite", False))
     device = resolve_device(str(cfg.get("device", "auto")))
@@ -253,7 +253,7 @@ def infer(cfg: DictConfig) -> InferSummary:
     record = OmegaConf.to_container(cfg, resolve=True)
     record.update(input=str(input_path), output=str(output_dir))  # absolute: same run, same record
     if todo:
-        _seed(cfg)
+        seed_from_config(cfg)
         module = _load_module(cfg, device)
         bar = tqdm(todo, desc="restore", unit="img", disable=not cfg.get("progress", True))
         for src, dst in bar:

@@ -1,4 +1,5 @@
-"""Run a job from a composed Hydra config: the bodies of ``train.py`` and ``eval.py``.
+"""Run a job from a composed Hydra config: the bodies of ``train.py`` and ``eval.py`` and the config helpers
+of ``python -m restore.infer``.
 
 Everything is built with ``hydra.utils.instantiate`` from ``configs/``; this module only wires the parts
 together and owns the cross-cutting rules that every method shares:
@@ -36,11 +37,16 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "ConfigError",
+    "apply_extras",
     "evaluate",
+    "group_choices",
     "instantiate_callbacks",
     "instantiate_loggers",
     "metric_value",
+    "require_key",
     "resolve_ckpt_path",
+    "seed_from_config",
+    "single_console_log",
     "train",
 ]
 
@@ -57,7 +63,7 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _require(cfg: DictConfig, key: str, hint: str) -> Any:
+def require_key(cfg: DictConfig, key: str, hint: str) -> Any:
     """``cfg.<key>``, or a :class:`ConfigError` naming the key when it is absent, null or has ``???`` values."""
     value = OmegaConf.select(cfg, key, default=None)
     if value is None:
@@ -71,7 +77,7 @@ def _require(cfg: DictConfig, key: str, hint: str) -> Any:
     return value
 
 
-def _choose(group: str) -> str:
+def group_choices(group: str) -> str:
     """Hint listing the options of a config group, e.g. ``choose one with model=<realesrnet|...>``."""
     from restore import CONFIG_DIR
 
@@ -172,7 +178,7 @@ def resolve_ckpt_path(requested: str | None, ckpt_dir: str | Path, auto_resume: 
     return str(requested)
 
 
-def _apply_extras(cfg: DictConfig) -> None:
+def apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
@@ -208,7 +214,7 @@ def metric_value(metrics: Mapping[str, float], name: str | None) -> float | None
     return metrics[name]
 
 
-def _single_console_log() -> None:
+def single_console_log() -> None:
     """The ``lightning`` package always adds its own console handler and still propagates to the root logger;
     under Hydra the root logger already prints (and writes the run's log file), so every message came twice."""
     if logging.getLogger().handlers:
@@ -218,7 +224,7 @@ def _single_console_log() -> None:
                 lightning_logger.removeHandler(handler)
 
 
-def _seed(cfg: DictConfig) -> None:
+def seed_from_config(cfg: DictConfig) -> None:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -227,23 +233,23 @@ def _seed(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data``; returns the final logged metrics (for sweepers and tests)."""
     try:
-        _single_console_log()
-        _apply_extras(cfg)
-        _seed(cfg)
+        single_console_log()
+        apply_extras(cfg)
+        seed_from_config(cfg)
         for key, hint in (
-            ("data", _choose("data")),
-            ("model", _choose("model")),
-            ("trainer", _choose("trainer")),
+            ("data", group_choices("data")),
+            ("model", group_choices("model")),
+            ("trainer", group_choices("trainer")),
             ("paths.output_dir", "run through train.py, or set paths.output_dir"),
         ):
-            _require(cfg, key, hint)
+            require_key(cfg, key, hint)
         output_dir = cfg.paths.output_dir
 
         log.info(f"instantiating datamodule <{cfg.data.get('_target_')}>")
         datamodule = instantiate(cfg.data)
         degradation = None
         if cfg.get("degradation") is not None:
-            _require(cfg, "degradation", _choose("degradation"))
+            require_key(cfg, "degradation", group_choices("degradation"))
             log.info(f"instantiating degradation <{cfg.degradation.get('_target_')}>")
             degradation = instantiate(cfg.degradation)
         log.info(f"instantiating model <{cfg.model.get('_target_')}>")
@@ -277,19 +283,21 @@ def _eval_spec(cfg: DictConfig) -> EvalSpec:
     from restore.evaluation.fingerprint import method_label, run_key
     from restore.evaluation.runner import EvalSpec
 
-    benchmark_cfg = _require(cfg, "benchmark", _choose("benchmark"))
+    benchmark_cfg = require_key(cfg, "benchmark", group_choices("benchmark"))
     method, outputs = cfg.get("method"), cfg.get("outputs")
     if (method is None) == (outputs is None):
         raise ConfigError(
-            "say what to evaluate: a method (" + _choose("method").replace("choose one with ", "") + ", with "
+            "say what to evaluate: a method ("
+            + group_choices("method").replace("choose one with ", "")
+            + ", with "
             "ckpt_path=... when it has trained weights) or outputs=<folder of restored images> — exactly one"
         )
     if method is not None:
-        _require(cfg, "method", _choose("method"))
+        require_key(cfg, "method", group_choices("method"))
     return EvalSpec(
         benchmark=Benchmark.from_config(OmegaConf.to_container(benchmark_cfg, resolve=True)),
         label=method_label(cfg),
-        run_dir=Path(_require(cfg, "paths.output_dir", "run through eval.py, or set paths.output_dir")),
+        run_dir=Path(require_key(cfg, "paths.output_dir", "run through eval.py, or set paths.output_dir")),
         run_key=run_key(cfg),
         method=None if method is None else OmegaConf.to_container(method, resolve=True),
         ckpt_path=cfg.get("ckpt_path"),
@@ -316,9 +324,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     """
     from restore.evaluation.parallel import fabric_from_trainer_config
 
-    _single_console_log()
-    _apply_extras(cfg)
-    _seed(cfg)
+    single_console_log()
+    apply_extras(cfg)
+    seed_from_config(cfg)
     spec = _eval_spec(cfg)
     fabric = fabric_from_trainer_config(
         OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else None

@@ -155,7 +155,10 @@ def test_cfg_job_prints_composed_config() -> None:
 
 def test_help_lists_config_groups() -> None:
     proc = _ok(_run(_cli("train.py", "--help")))
-    assert "experiment: realesrnet, realesrnet_tiny" in proc.stdout
+    for group in ("experiment", "model", "model/prior", "model/tagger"):  # nested groups are listed too
+        names = sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
+        assert "realesrnet_tiny" in names or group != "experiment"
+        assert f"{group}: {', '.join(names)}" in proc.stdout
 
 
 @pytest.mark.parametrize(
