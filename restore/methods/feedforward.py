@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from restore.methods.nonfinite_loss import skip_nonfinite_loss
 from restore.methods.rank_generator import RankGenerator, mixed_seed
+from restore.methods.training_pairs import add_synthesised_pairs, degrade_on_device
 from restore.models.basicsr_weights import load_basicsr_state_dict
 
 __all__ = ["FeedForwardSR"]
@@ -126,26 +127,8 @@ class FeedForwardSR(L.LightningModule):
         return self.restore(lq)
 
     # ------------------------------------------------------------------ pair synthesis
-    def _require_degradation(self) -> nn.Module:
-        if self.degradation is None:
-            raise RuntimeError(
-                "the batch holds only 'hq' images, so LR inputs must be synthesised, but the method has no "
-                "degradation: keep the `degradation` config group (e.g. degradation=realesrgan) or use paired data"
-            )
-        return self.degradation
-
-    def _synthesise(self, hq: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        deg = self._require_degradation().to(hq.device)
-        with torch.autocast(device_type=hq.device.type, enabled=False):  # blur/JPEG tables in fp32
-            out = deg(hq.float(), generator=generator)
-        return out.lq, out.gt
-
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        if self.trainer.training and "lq" not in batch:
-            hq = batch["hq"]
-            lq, gt = self._synthesise(hq, self.generator.get(self, hq.device))
-            batch = {**batch, "lq": lq, "gt": gt}
-        return batch
+        return add_synthesised_pairs(self, batch)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
@@ -182,7 +165,7 @@ class FeedForwardSR(L.LightningModule):
             gen.manual_seed(
                 mixed_seed(self.hparams.degradation_seed, _VAL_STREAM, self.global_rank, batch_idx)
             )
-            return [self._synthesise(hq, gen) for hq in images]
+            return [degrade_on_device(self.degradation, hq, gen) for hq in images]
         return list(zip(_per_image(lqs), _per_image(gts), strict=True))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -37,6 +37,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from restore.methods.nonfinite_loss import skip_nonfinite_loss
 from restore.methods.rank_generator import RankGenerator
+from restore.methods.training_pairs import add_synthesised_pairs
 from restore.models.priors import FrozenPrior, freeze
 
 __all__ = ["CheckpointMismatchError", "LatentDiffusionSR"]
@@ -244,18 +245,7 @@ class LatentDiffusionSR(L.LightningModule):
         return self.prior.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        if self.trainer.training and "gt" not in batch:
-            if self.degradation is None:
-                raise RuntimeError(
-                    "the batch holds only 'hq' images and the method has no degradation: keep the "
-                    "`degradation` config group or use paired data (with 'lq' and 'gt')"
-                )
-            hq = batch["hq"]
-            deg = self.degradation.to(hq.device)
-            with torch.autocast(device_type=hq.device.type, enabled=False):  # blur/JPEG tables in fp32
-                out = deg(hq.float(), generator=self.generator.get(self, hq.device))
-            batch = {**batch, "lq": out.lq, "gt": out.gt}
-        return batch
+        return add_synthesised_pairs(self, batch)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
