@@ -39,8 +39,10 @@ test-fast: install
 # bicubic, RealESRNet and SeeSR on benchmark=samples (one table.md + report.html with all three). NIQE's
 # pristine model is rebuilt from basicsr's bundled copy; learned metrics without weights are skipped with a
 # warning (fetch them with `python -m restore.weights fetch --metric lpips dists fid maniqa musiq clipiqa`).
-# The tiny SeeSR shows the machinery (tags, RAM tokens, LRE sampling with CFG, tiling, colour fix), not the
-# quality of a real prior: its VAE and UNet start random.
+# Then XPSR: prompts of the photos by a tiny random LLaVA (scripts/extract_prompts.py), training with SFA, pixel
+# attention and the DFC loss, and its column in the same table.
+# The tiny SeeSR / XPSR show the machinery (tags, RAM tokens, MLLM prompts, sampling with CFG, tiling, colour
+# fix), not the quality of a real prior: their VAE and UNet start random.
 DEMO := outputs/demo
 DEMO_FLAGS := extras.print_config=false
 demo: install
@@ -58,7 +60,14 @@ demo: install
 	$(BIN)/python eval.py benchmark=samples method=seesr_tiny ckpt_path=$(DEMO)/seesr/checkpoints/last.ckpt \
 	  method.module.dape.dape_checkpoint=$(DEMO)/dape/checkpoints/last.ckpt \
 	  report.compare=[$(DEMO)/eval_bicubic,$(DEMO)/eval_realesrnet_tiny] $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_seesr_tiny
-	@echo "table: $(DEMO)/eval_seesr_tiny/table.md   report: $(DEMO)/eval_seesr_tiny/report.html"
+	$(BIN)/python scripts/extract_prompts.py --input-embedded --tiny --field highlevel --field lowlevel \
+	  --out $(DEMO)/xpsr_prompts.jsonl
+	$(BIN)/python train.py experiment=xpsr_tiny trainer.max_steps=300 data.train.prompts=$(DEMO)/xpsr_prompts.jsonl \
+	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/xpsr
+	$(BIN)/python eval.py benchmark=samples method=xpsr_tiny ckpt_path=$(DEMO)/xpsr/checkpoints/last.ckpt \
+	  report.compare=[$(DEMO)/eval_bicubic,$(DEMO)/eval_realesrnet_tiny,$(DEMO)/eval_seesr_tiny] \
+	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_xpsr_tiny
+	@echo "table: $(DEMO)/eval_xpsr_tiny/table.md   report: $(DEMO)/eval_xpsr_tiny/report.html"
 
 lint: install
 	$(BIN)/ruff check .

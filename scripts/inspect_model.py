@@ -1,6 +1,6 @@
 """Print a full-size model part's state dict as ``key<TAB>shape`` lines (built on the meta device: no memory).
 
-    python scripts/inspect_model.py model=seesr part=unet|controlnet
+    python scripts/inspect_model.py model=seesr|xpsr part=unet|controlnet
 
 Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order, the format of
 the spec's key lists (``../shared/specs/seesr_xpsr_statedict/*.tsv``, spec seesr_xpsr.md §1.8), so
@@ -35,8 +35,21 @@ def _seesr_controlnet() -> torch.nn.Module:
     return build_seesr_controlnet(build_seesr_unet(device="meta"))
 
 
+def _xpsr_unet() -> torch.nn.Module:
+    from restore.models.xpsr import build_xpsr_unet
+
+    return build_xpsr_unet(device="meta")
+
+
+def _xpsr_controlnet() -> torch.nn.Module:
+    from restore.models.xpsr import build_xpsr_controlnet, build_xpsr_unet
+
+    return build_xpsr_controlnet(build_xpsr_unet(device="meta"))
+
+
 MODELS: dict[str, dict[str, Callable[[], torch.nn.Module]]] = {
     "seesr": {"unet": _seesr_unet, "controlnet": _seesr_controlnet},
+    "xpsr": {"unet": _xpsr_unet, "controlnet": _xpsr_controlnet},
 }
 _KEYS = ("model", "part")
 

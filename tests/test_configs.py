@@ -6,6 +6,7 @@ Real-data configs are instantiated against a fake ``paths.data_root`` that has t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from restore import CONFIG_DIR
+from restore.data.hr_datasets import EMBEDDED_PHOTO_NAMES
 from restore.data.image_io import write_image
 from restore.evaluation.benchmark import Benchmark
 from restore.models.priors import PriorNotFoundError
@@ -62,6 +64,14 @@ def fake_data_root(tmp_path_factory) -> Path:
             (faces / f"{folder:02d}000" / f"{folder * 1000 + i:05d}.png").write_bytes(face)
     for split, size in (("lq", 16), ("gt", 64)):
         write_image(root / "benchmarks/samples" / split / "0001.png", torch.rand(3, size, size))
+    for split, size in (("lq", 128), ("gt", 512)):  # data=paired_train (experiment=xpsr)
+        write_image(root / "train_pairs" / split / "0001.png", torch.rand(3, size, size))
+    xpsr_prompts = {"highlevel": "a photo", "lowlevel": "blurry", "lowlevel_gt": "sharp"}
+    (root / "train_pairs/prompts.jsonl").write_text(json.dumps({"path": "0001.png", **xpsr_prompts}) + "\n")
+    (root / "xpsr_tiny").mkdir()  # experiment=xpsr_tiny: prompts of the embedded photos
+    (root / "xpsr_tiny/prompts.jsonl").write_text(
+        "".join(json.dumps({"path": f"skimage/{n}.png", **xpsr_prompts}) + "\n" for n in EMBEDDED_PHOTO_NAMES)
+    )
     return root
 
 
@@ -86,6 +96,7 @@ def _fill_missing(cfg: DictConfig, data_root: Path) -> None:
 # missing-weights error that names the fix; the rest of it is checked with the tiny parts swapped in.
 NEEDS_WEIGHTS = {
     "seesr": ["model/prior=tiny", "model/tagger@model.dape=dape_tiny"],
+    "xpsr": ["model/prior=tiny", "+model.controlnet.conditioning_embedding_out_channels=[8,16,16,16]"],
     "dape": [
         "model.ram.variant=tiny",
         "model.ram.checkpoint=null",
@@ -117,7 +128,11 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, f
     datamodule = instantiate(cfg.data)
     assert len(datamodule.train_set) > 0
     item = datamodule.train_set[0]
-    assert item["hq"].shape[0] == 3 and item["hq"].shape[1] == item["hq"].shape[2]
+    image = item["hq"] if "hq" in item else item["gt"]  # HR-only data, or pairs degraded offline
+    assert image.shape[0] == 3 and image.shape[1] == image.shape[2]
+    if cfg.get("degradation") is None:
+        assert item["lq"].shape[-1] * instantiate(cfg.model).scale == image.shape[-1]
+        return
     degradation = instantiate(cfg.degradation)
     model = instantiate(cfg.model, degradation=degradation)
     assert model.scale == degradation.config.scale

@@ -10,7 +10,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_collate
 
 from restore.data.datamodule import RestoreDataModule
 from restore.data.hr_datasets import (
@@ -129,6 +130,80 @@ def test_image_folder_hr_prompts(photo_root, tmp_path):
         ImageFolderHR(photo_root, crop_size=64, prompts=partial)
     ds = ImageFolderHR(photo_root, crop_size=64, prompts=partial, prompt_missing="empty")
     assert [ds[i]["prompt"] for i in range(4)] == ["", "", "coffee", ""]
+
+
+def _xpsr_side_file(path, keys):
+    """Two prompts per image (XPSR, spec §2.4): a caption and a quality description."""
+    path.write_text(
+        "".join(
+            json.dumps({"path": k, "highlevel": f"caption {k}", "lowlevel": f"quality {k}"}) + "\n"
+            for k in keys
+        )
+    )
+    return path
+
+
+XPSR_FIELDS = {"prompt": "highlevel", "lowlevel_prompt": "lowlevel"}
+
+
+def test_prompt_mapping_image_folder_hr(photo_root, tmp_path):
+    keys = [f"skimage/{n}.png" for n in sorted(SMALL_PHOTOS)]
+    side = _xpsr_side_file(tmp_path / "x.jsonl", keys)
+    for mapping in (XPSR_FIELDS, OmegaConf.create(XPSR_FIELDS)):  # Hydra passes a DictConfig
+        ds = ImageFolderHR(photo_root, crop_size=32, prompts=side, prompt_key=mapping)
+        item = ds[1]
+        assert set(item) == {"hq", "key", "prompt", "lowlevel_prompt"}
+        assert (
+            item["prompt"] == "caption skimage/chelsea.png"
+            and item["lowlevel_prompt"] == "quality skimage/chelsea.png"
+        )
+    # The str form is the one-prompt form: the field goes to item["prompt"].
+    assert ImageFolderHR(photo_root, crop_size=32, prompts=side, prompt_key="lowlevel")[0]["prompt"] == (
+        "quality skimage/astronaut.png"
+    )
+    # One field missing for one image: an error at construction naming the image and the field.
+    lines = side.read_text().splitlines()
+    lines[2] = json.dumps({"path": keys[2], "highlevel": "only a caption"})
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PromptNotFoundError, match="1 image\\(s\\) have no 'lowlevel'.*skimage/coffee.png"):
+        ImageFolderHR(photo_root, crop_size=32, prompts=partial, prompt_key=XPSR_FIELDS)
+    ds = ImageFolderHR(
+        photo_root, crop_size=32, prompts=partial, prompt_key=XPSR_FIELDS, prompt_missing="empty"
+    )
+    assert [(ds[i]["prompt"], ds[i]["lowlevel_prompt"]) for i in (1, 2)] == [
+        ("caption skimage/chelsea.png", "quality skimage/chelsea.png"),
+        ("only a caption", ""),
+    ]
+    # Malformed mappings fail even without a side-file (config typo caught when the dataset is built).
+    with pytest.raises(ValueError, match="holds an image"):
+        ImageFolderHR(photo_root, crop_size=32, prompt_key={"hq": "highlevel"})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        ImageFolderHR(photo_root, crop_size=32, prompt_key={})
+    with pytest.raises(ValueError, match="non-empty name"):
+        ImageFolderHR(photo_root, crop_size=32, prompt_key={"prompt": 3})
+
+
+def test_prompt_mapping_embedded_photos(tmp_path):
+    names = ["chelsea", "coffee"]
+    side = _xpsr_side_file(tmp_path / "x.jsonl", [f"skimage/{n}.png" for n in names])
+    ds = EmbeddedPhotos(names=names, crop_size=32, repeats=2, prompts=side, prompt_key=XPSR_FIELDS)
+    assert [ds[i]["lowlevel_prompt"] for i in range(4)] == [f"quality skimage/{n}.png" for n in names] * 2
+    assert ds[1]["prompt"] == "caption skimage/coffee.png"
+    assert EmbeddedPhotos(names=names, crop_size=32, prompts=side, prompt_key="highlevel")[0]["prompt"] == (
+        "caption skimage/chelsea.png"
+    )
+    with pytest.raises(PromptNotFoundError, match="skimage/rocket.png"):
+        EmbeddedPhotos(names=["rocket", "coffee"], crop_size=32, prompts=side)
+    ds = EmbeddedPhotos(
+        names=["rocket", "coffee"], crop_size=32, prompts=side, prompt_key=XPSR_FIELDS, prompt_missing="empty"
+    )
+    assert (ds[0]["prompt"], ds[0]["lowlevel_prompt"], ds[1]["prompt"]) == (
+        "",
+        "",
+        "caption skimage/coffee.png",
+    )
+    assert set(EmbeddedPhotos(names=names, crop_size=32)[0]) == {"hq", "key"}
 
 
 def test_image_folder_hr_small_image_policy(photo_root):
@@ -315,6 +390,52 @@ def test_paired_and_lr_only_prompts(paired_dirs, tmp_path):
     assert set(item) == {"lq", "key", "prompt"} and item["key"] == "0000x4.png" and item["prompt"] == "t0, x"
     assert item["lq"].shape == (3, 8, 8)
     assert set(LRImageFolder(lr)[1]) == {"lq", "key"}
+
+
+def test_prompt_mapping_paired_and_lr_only(paired_dirs, tmp_path):
+    lr, gt = paired_dirs
+    side = _xpsr_side_file(tmp_path / "x.jsonl", [f"{i:04d}x4.png" for i in (0, 2)])
+    with pytest.raises(PromptNotFoundError, match="0001x4.png"):
+        PairedImageFolder(lr, gt, lr_suffix="x4", prompts=side, prompt_key=XPSR_FIELDS)
+    ds = PairedImageFolder(
+        lr, gt, lr_suffix="x4", prompts=side, prompt_key=XPSR_FIELDS, prompt_missing="empty"
+    )
+    assert [(ds[i]["prompt"], ds[i]["lowlevel_prompt"]) for i in range(3)] == [
+        ("caption 0000x4.png", "quality 0000x4.png"),
+        ("", ""),
+        ("caption 0002x4.png", "quality 0002x4.png"),
+    ]
+    item = LRImageFolder(lr, prompts=side, prompt_key=OmegaConf.create(XPSR_FIELDS), prompt_missing="empty")[
+        2
+    ]
+    assert (
+        set(item) == {"lq", "key", "prompt", "lowlevel_prompt"}
+        and item["lowlevel_prompt"] == "quality 0002x4.png"
+    )
+
+
+@pytest.mark.parametrize("collate", [collate_variable_size, default_collate])
+def test_collate_strings_become_lists_for_any_field(collate):
+    batch = [
+        {
+            "gt": torch.zeros(3, 4, 4),
+            "key": "a.png",
+            "prompt": "cap a",
+            "lowlevel_prompt": "low a",
+            "x_text": "",
+        },
+        {
+            "gt": torch.ones(3, 4, 4),
+            "key": "b.png",
+            "prompt": "cap b",
+            "lowlevel_prompt": "low b",
+            "x_text": "z",
+        },
+    ]
+    out = collate(batch)
+    assert out["gt"].shape == (2, 3, 4, 4)
+    assert out["prompt"] == ["cap a", "cap b"] and out["lowlevel_prompt"] == ["low a", "low b"]
+    assert out["x_text"] == ["", "z"] and out["key"] == ["a.png", "b.png"]
 
 
 def test_collate_variable_size():

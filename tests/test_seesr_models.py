@@ -426,7 +426,7 @@ def test_inspect_model_script_prints_unet_key_list() -> None:
     ("args", "message"),
     [
         (["model=seesr", "part=vae"], "unknown part 'vae' for model 'seesr'; options: controlnet, unet"),
-        (["model=xpsr", "part=unet"], "unknown model 'xpsr'; options: seesr"),
+        (["model=stablesr", "part=unet"], "unknown model 'stablesr'; options: seesr, xpsr"),
         (["model=seesr"], "missing argument(s): part"),
         (["seesr", "unet"], "expected arguments model=... part=..."),
     ],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from restore.data.transforms import CenterCrop, RandomCropFlip, rng_from_torch
+from restore.data.transforms import CenterCrop, CropFlip, RandomCropFlip, rng_from_torch
 
 
 def _ramp(h: int, w: int) -> np.ndarray:
@@ -88,6 +88,27 @@ def test_same_seed_same_crop_and_torch_seeding():
     np.testing.assert_array_equal(t(img, rng_from_torch()), c)
     torch.manual_seed(124)
     assert not np.array_equal(t(img), c)
+
+
+def test_draw_then_apply_equals_call_and_scales_the_window():
+    img = _ramp(40, 48)
+    t = RandomCropFlip(8, hflip=True, rotate=True)
+    for seed in range(20):
+        window = t.draw(40, 48, np.random.default_rng(seed))
+        expected, flipped, k = _expected(img, 8, seed, hflip=True, rotate=True)
+        assert (window.size, window.hflip, window.rot90) == (8, flipped, k)
+        np.testing.assert_array_equal(window.apply(img), expected)
+        np.testing.assert_array_equal(t(img, np.random.default_rng(seed)), expected)
+    # x scale: the same region of an image `scale` times larger (a GT and its LR), same flip/rotation.
+    big = np.repeat(np.repeat(img, 4, axis=0), 4, axis=1)  # nearest x4: every LR pixel is a 4x4 block
+    window = CropFlip(top=3, left=5, size=8, hflip=True, rot90=1)
+    out = window.apply(big, scale=4)
+    assert out.shape == (32, 32, 3) and out.dtype == np.float32 and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(out[::4, ::4], window.apply(img))
+    with pytest.raises(ValueError, match="does not fit in 'lr.png'"):
+        CropFlip(top=35, left=0, size=8).apply(img, key="lr.png")
+    with pytest.raises(ValueError, match="smaller than crop_size"):
+        t.draw(7, 48, np.random.default_rng(0))
 
 
 def test_small_image_pad_is_reflect_101():

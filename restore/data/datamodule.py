@@ -42,8 +42,9 @@ class RestoreDataModule(L.LightningDataModule):
     dataset (under DDP the module builds the ``DistributedSampler`` itself so the forwarding survives),
     and ``train_dataloader`` sets the current epoch too (covers dataloader reloads and resumes).
 
-    Validation and test loaders do not shuffle, keep the last partial batch and use
-    :func:`restore.data.paired.collate_variable_size` (test images differ in size).
+    Validation and test loaders do not shuffle and keep the last partial batch. Every loader collates with
+    :func:`restore.data.paired.collate_variable_size` (test images differ in size): same-shape tensors are
+    stacked, and strings (``key`` and any prompt field, e.g. ``lowlevel_prompt``) become lists of strings.
     """
 
     def __init__(

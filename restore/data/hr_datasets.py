@@ -1,8 +1,9 @@
 """High-quality (HR) training image datasets: random crops of clean images, degraded later on the fly.
 
-Items are ``{"hq": FloatTensor (3, crop, crop) in [0, 1], "key": str}`` plus ``"prompt": str`` when a
-prompt side-file is configured. ``key`` is the image path relative to the dataset root: a stable ID
-for logging, prompts and resuming.
+Items are ``{"hq": FloatTensor (3, crop, crop) in [0, 1], "key": str}`` plus one string per prompt field
+when a prompt side-file is configured (``"prompt"`` by default; several with a ``prompt_key`` mapping,
+see :class:`restore.data.paired.PromptFields`). ``key`` is the image path relative to the dataset root: a
+stable ID for logging, prompts and resuming.
 
 Named datasets (LSDIR, DF2K_OST, FFHQ-10k...) are Hydra configs that instantiate
 :class:`ImageFolderHR`; several of them are combined with :class:`MixtureDataset` (weighted) or
@@ -12,7 +13,7 @@ Named datasets (LSDIR, DF2K_OST, FFHQ-10k...) are Hydra configs that instantiate
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from restore.data.image_io import list_images, read_image, to_tensor, write_image
-from restore.data.prompts import PromptTable
+from restore.data.paired import load_prompt_fields
 from restore.data.transforms import RandomCropFlip
 
 __all__ = [
@@ -53,7 +54,9 @@ class ImageFolderHR(Dataset):
             lists), e.g. the first 10k FFHQ faces. More than available is an error: a silently smaller
             training set would not reproduce the protocol.
         prompts: optional JSONL prompt side-file (see :mod:`restore.data.prompts`); checked up front.
-        prompt_key: field of the side-file to use (``"prompt"``, ``"tags"``...).
+        prompt_key: field of the side-file put in ``item["prompt"]`` (``"prompt"``, ``"tags"``...), or a
+            mapping ``{item_field: side_file_field}`` for several prompts per image, e.g. XPSR's
+            ``{prompt: highlevel, lowlevel_prompt: lowlevel}`` (``../shared/specs/seesr_xpsr.md`` §2.4).
         prompt_missing: ``"error"`` or ``"empty"`` for images without an entry.
     """
 
@@ -67,7 +70,7 @@ class ImageFolderHR(Dataset):
         small_image: str = "pad",
         limit: int | None = None,
         prompts: str | os.PathLike | None = None,
-        prompt_key: str = "prompt",
+        prompt_key: str | Mapping[str, str] = "prompt",
         file_list_key: str | None = None,
         prompt_missing: str = "error",
     ):
@@ -86,11 +89,7 @@ class ImageFolderHR(Dataset):
         self.files = files
         self.keys = [_dataset_key(f, self.root) for f in files]
         self.transform = RandomCropFlip(crop_size, hflip=hflip, rotate=rotate, small_image=small_image)
-        self.prompts = (
-            None if prompts is None else PromptTable(prompts, key=prompt_key, missing=prompt_missing)
-        )
-        if self.prompts is not None:
-            self.prompts.require(self.keys)
+        self.prompts = load_prompt_fields(prompts, prompt_key, prompt_missing, self.keys)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -103,7 +102,7 @@ class ImageFolderHR(Dataset):
         crop = self.transform(read_image(self.files[index]), key=key)
         item = {"hq": to_tensor(crop), "key": key}
         if self.prompts is not None:
-            item["prompt"] = self.prompts[key]
+            item.update(self.prompts(key))
         return item
 
 
@@ -160,7 +159,8 @@ class EmbeddedPhotos(Dataset):
     For smoke tests, demos and CI, not for real training (8 images). Keys are ``"skimage/<name>.png"``:
     the keys an :class:`ImageFolderHR` gives the same photos after ``export_embedded_photos(root / "skimage")``,
     so prompt side-files work for both. ``repeats`` lengthens an epoch (item i is photo ``i % len(names)``),
-    giving several random crops per photo and epoch.
+    giving several random crops per photo and epoch. ``prompts`` / ``prompt_key`` / ``prompt_missing`` as
+    :class:`ImageFolderHR` (side-file entries ``{"path": "skimage/<name>.png", ...}``).
     """
 
     def __init__(
@@ -170,6 +170,9 @@ class EmbeddedPhotos(Dataset):
         hflip: bool = True,
         small_image: str = "pad",
         repeats: int = 1,
+        prompts: str | os.PathLike | None = None,
+        prompt_key: str | Mapping[str, str] = "prompt",
+        prompt_missing: str = "error",
     ):
         self.names = list(EMBEDDED_PHOTO_NAMES if names is None else names)
         if not self.names:
@@ -180,6 +183,7 @@ class EmbeddedPhotos(Dataset):
         self.images = [load_embedded_photo(n) for n in self.names]
         self.keys = [f"skimage/{n}.png" for n in self.names]
         self.transform = RandomCropFlip(crop_size, hflip=hflip, rotate=False, small_image=small_image)
+        self.prompts = load_prompt_fields(prompts, prompt_key, prompt_missing, self.keys)
 
     def __len__(self) -> int:
         return len(self.names) * self.repeats
@@ -189,7 +193,10 @@ class EmbeddedPhotos(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         i = index % len(self.names)
         key = self.keys[i]
-        return {"hq": to_tensor(self.transform(self.images[i], key=key)), "key": key}
+        item = {"hq": to_tensor(self.transform(self.images[i], key=key)), "key": key}
+        if self.prompts is not None:
+            item.update(self.prompts(key))
+        return item
 
 
 def export_embedded_photos(

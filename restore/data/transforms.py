@@ -4,17 +4,22 @@ Randomness comes from an explicit ``numpy.random.Generator``. When none is given
 from torch's global RNG, which DataLoader workers seed per worker (and Lightning's
 ``seed_everything(workers=True)`` makes that seed a function of the global seed), so crops are
 reproducible without every dataset threading generators through.
+
+A random crop is drawn (:meth:`RandomCropFlip.draw`, a :class:`CropFlip`) apart from being applied
+(:meth:`CropFlip.apply`), so that an LR/GT pair gets the same window (in LR pixels, ``x scale`` on the GT)
+and the same flip/rotation: :class:`restore.data.paired_training.PairedTrainingFolder`.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
-__all__ = ["CenterCrop", "RandomCropFlip", "SMALL_IMAGE_POLICIES", "rng_from_torch"]
+__all__ = ["CenterCrop", "CropFlip", "RandomCropFlip", "SMALL_IMAGE_POLICIES", "rng_from_torch"]
 
 #: What to do with an image smaller than the crop: see :class:`RandomCropFlip`.
 SMALL_IMAGE_POLICIES = ("pad", "upscale", "error")
@@ -35,6 +40,37 @@ def _check_hwc(img: np.ndarray, key: str | None) -> None:
     if not isinstance(img, np.ndarray) or img.ndim != 3:
         shape = getattr(img, "shape", None)
         raise ValueError(f"expected an (H, W, C) numpy array for '{key or '<image>'}', got shape {shape}")
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """One drawn crop window (``size`` x ``size`` at ``top``, ``left``), horizontal flip and ``rot90``
+    quarter turns (counter-clockwise, ``np.rot90``), applied in that order."""
+
+    top: int
+    left: int
+    size: int
+    hflip: bool = False
+    rot90: int = 0
+
+    def apply(self, img: np.ndarray, scale: int = 1, key: str | None = None) -> np.ndarray:
+        """Crop ``img`` at the window ``x scale`` (a GT ``scale`` times larger than the image the window
+        was drawn on gets the same region), then flip/rotate; contiguous float32. A window outside
+        ``img`` is a ``ValueError`` naming ``key``."""
+        _check_hwc(img, key)
+        scale = _check_size("scale", scale)
+        top, left, size = self.top * scale, self.left * scale, self.size * scale
+        h, w = img.shape[:2]
+        if top < 0 or left < 0 or top + size > h or left + size > w:
+            raise ValueError(
+                f"crop window {size}x{size} at ({top}, {left}) does not fit in '{key or '<image>'}' ({h}x{w})"
+            )
+        out = img[top : top + size, left : left + size]
+        if self.hflip:
+            out = out[:, ::-1]
+        if self.rot90 % 4:
+            out = np.rot90(out, k=self.rot90 % 4, axes=(0, 1))
+        return np.ascontiguousarray(out, dtype=np.float32)
 
 
 class RandomCropFlip:
@@ -106,16 +142,20 @@ class RandomCropFlip:
         _check_hwc(img, key)
         rng = rng_from_torch() if rng is None else rng
         img = self.fit_small(img, key)
-        h, w = img.shape[:2]
+        return self.draw(img.shape[0], img.shape[1], rng, key).apply(img, key=key)
+
+    def draw(self, height: int, width: int, rng: np.random.Generator, key: str | None = None) -> CropFlip:
+        """Draw a window for an image of ``height`` x ``width`` (>= ``crop_size``; apply ``fit_small``
+        first), then the flip and rotation. Draw order, fixed so that crops are reproducible: top, left,
+        flip (only with ``hflip``), rotation (only with ``rotate``)."""
         size = self.crop_size
-        top = int(rng.integers(0, h - size + 1))
-        left = int(rng.integers(0, w - size + 1))
-        out = img[top : top + size, left : left + size]
-        if self.hflip and rng.random() < 0.5:
-            out = out[:, ::-1]
-        if self.rotate:
-            out = np.rot90(out, k=int(rng.integers(0, 4)), axes=(0, 1))
-        return np.ascontiguousarray(out, dtype=np.float32)
+        if height < size or width < size:
+            raise ValueError(f"image '{key or '<image>'}' is {height}x{width}, smaller than crop_size={size}")
+        top = int(rng.integers(0, height - size + 1))
+        left = int(rng.integers(0, width - size + 1))
+        flip = bool(self.hflip and rng.random() < 0.5)
+        k = int(rng.integers(0, 4)) if self.rotate else 0
+        return CropFlip(top, left, size, flip, k)
 
 
 class CenterCrop:

@@ -22,6 +22,7 @@ per-rank ``torch.Generator`` saved in checkpoints, so a resumed run draws what a
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -35,12 +36,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from restore.methods.checkpoints import CheckpointMismatchError
 from restore.methods.nonfinite_loss import skip_nonfinite_loss
 from restore.methods.rank_generator import RankGenerator
 from restore.methods.training_pairs import add_synthesised_pairs
 from restore.models.priors import FrozenPrior, freeze
+from restore.sampling.sampler import SamplingSettings, resize_bicubic, sample, upscale_for_sampling
 
-__all__ = ["CheckpointMismatchError", "LatentDiffusionSR"]
+__all__ = ["CheckpointMismatchError", "LatentDiffusionSR", "plain_dict"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -57,8 +60,11 @@ PRIOR_SOURCE_CKPT_KEY = "prior_source"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's trainable weights do not match the module's trainable weights (keys differ)."""
+def plain_dict(value: Any) -> dict[str, Any]:
+    """A Hydra DictConfig (or any mapping) as a plain dict (diffusers configs must serialise to JSON)."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)  # type: ignore[return-value]
+    return dict(value)
 
 
 class LatentDiffusionSR(L.LightningModule):
@@ -81,6 +87,9 @@ class LatentDiffusionSR(L.LightningModule):
             ``("image_attentions",)`` for SeeSR (spec §1.5: "UNet except modules whose name ends with
             --trainable_modules"); defaults to the class attribute of the same name.
         skip_nonfinite_loss: on a NaN/inf loss skip the step (all ranks together) instead of stopping.
+        text_cache_size: keep the text-encoder output of up to this many distinct prompts (the encoder is
+            frozen, so a cached embedding stays valid); 0 = off. Worth it when prompts repeat (tags, "" of the
+            null-prompt dropout, a fixed negative prompt at inference).
     """
 
     #: Default of the ``trainable_prior_modules`` argument, for subclasses.
@@ -103,6 +112,7 @@ class LatentDiffusionSR(L.LightningModule):
         scale_lr: bool = False,
         trainable_prior_modules: Sequence[str] | None = None,
         skip_nonfinite_loss: bool = False,
+        text_cache_size: int = 0,
     ) -> None:
         super().__init__()
         # Lightning collects the subclasses' __init__ arguments too: modules they take are named in
@@ -138,6 +148,9 @@ class LatentDiffusionSR(L.LightningModule):
                 if getattr(module, "_supports_gradient_checkpointing", False):
                     module.enable_gradient_checkpointing()
 
+        if text_cache_size < 0:
+            raise ValueError(f"text_cache_size must be >= 0, got {text_cache_size}")
+        self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
         self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
         self._ema_reset_pending = False
         self.generator = RankGenerator(degradation_seed)
@@ -216,10 +229,34 @@ class LatentDiffusionSR(L.LightningModule):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Text-encoder last hidden states of ``prompts`` padded to the tokenizer's max length."""
+        """Text-encoder last hidden states of ``prompts`` padded to the tokenizer's max length.
+
+        With ``text_cache_size > 0`` only prompts not seen recently go through the encoder (least recently
+        used ones are evicted); results equal the uncached ones up to the float rounding of another batch
+        composition inside the encoder (~1e-7).
+        """
+        prompts = list(prompts)
+        size = int(self.hparams.get("text_cache_size", 0))
+        if size == 0:
+            return self._run_text_encoder(prompts)
+        cache = self._text_cache
+        new = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if new:
+            for prompt, embedding in zip(new, self._run_text_encoder(new), strict=True):
+                cache[prompt] = embedding
+        rows = []
+        for prompt in prompts:
+            cache.move_to_end(prompt)
+            rows.append(cache[prompt])
+        out = torch.stack(rows).to(self.device)
+        while len(cache) > size:
+            cache.popitem(last=False)
+        return out
+
+    def _run_text_encoder(self, prompts: list[str]) -> Tensor:
         tok = self.prior.tokenizer
         ids = tok(
-            list(prompts),
+            prompts,
             padding="max_length",
             max_length=tok.model_max_length,
             truncation=True,
@@ -244,6 +281,12 @@ class LatentDiffusionSR(L.LightningModule):
         the base runs the prior UNet alone (with any ``trainable_prior_modules`` inside it)."""
         return self.prior.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
 
+    def auxiliary_losses(self, batch: dict[str, Any], latents: Tensor) -> dict[str, Tensor]:
+        """Extra loss terms of a training step, added to the diffusion loss and logged as ``train/<name>``
+        (e.g. XPSR's DFC). Called right after :meth:`predict_noise` on the same batch; ``latents`` are the
+        scaled GT latents the step noised. Subclasses override; the base has none."""
+        return {}
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         return add_synthesised_pairs(self, batch)
 
@@ -264,6 +307,12 @@ class LatentDiffusionSR(L.LightningModule):
         target = self.diffusion_target(latents, noise, timesteps)
         pred = self.predict_noise(noisy, timesteps, text, batch)
         loss = F.mse_loss(pred.float(), target.float())  # float32 whatever the autocast dtype
+        extra = self.auxiliary_losses(batch, latents)
+        if extra:
+            self.log("train/diffusion_loss", loss.detach(), batch_size=n)
+            for name, value in extra.items():
+                self.log(f"train/{name}", value.detach(), batch_size=n)
+            loss = loss + sum(extra.values())
         if skip_nonfinite_loss(self, loss, batch_idx, self.hparams.skip_nonfinite_loss):
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
@@ -287,6 +336,38 @@ class LatentDiffusionSR(L.LightningModule):
         if not isinstance(batch_size, int):
             raise ValueError("scale_lr=true needs a datamodule with an integer `batch_size`")
         return batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    # ------------------------------------------------------------------ inference
+    def denoise(self, latents: Tensor, t: Tensor, condition: Any, image: Tensor) -> Tensor:
+        """The network output for a latent (tile), its conditions and its LR image crop (sampling loop)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement denoise()")
+
+    def sample_restored(
+        self,
+        lq: Tensor,
+        cond: Any,
+        uncond: Any,
+        settings: SamplingSettings,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The shared tail of the ControlNet-style methods' ``restore``: upscale ``lq`` for sampling, run
+        :func:`restore.sampling.sampler.sample` with :meth:`denoise` under the EMA weights (``settings.seed``
+        when no generator is given), and resize to exactly ``upscale x`` the input (colour fix before)."""
+        lr_up, out_size = upscale_for_sampling(lq, settings.upscale, settings.process_size)
+        if generator is None and settings.seed is not None:
+            generator = torch.Generator(device=lq.device).manual_seed(int(settings.seed))
+        with self.ema_weights():
+            image = sample(
+                self.denoise,
+                cond,
+                uncond,
+                lr_up,
+                vae=self.prior.vae,
+                scheduler=self.noise_scheduler,
+                settings=settings,
+                generator=generator,
+            )
+        return resize_bicubic(image, out_size)
 
     # ------------------------------------------------------------------ EMA
     def on_train_start(self) -> None:

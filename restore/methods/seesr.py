@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from restore.methods.latent_diffusion import CheckpointMismatchError, LatentDiffusionSR
+from restore.methods.checkpoints import load_controlnet_release
+from restore.methods.latent_diffusion import LatentDiffusionSR, plain_dict
 from restore.models.priors import FrozenPrior
 from restore.models.rca import (
     RCA_ATTR,
@@ -41,7 +40,7 @@ from restore.models.rca import (
     representation_tokens,
     seesr_controlnet_from_unet,
 )
-from restore.sampling.sampler import SamplingSettings, resize_bicubic, sample, upscale_for_sampling
+from restore.sampling.sampler import SamplingSettings
 
 __all__ = ["SeeSR", "load_official_seesr"]
 
@@ -90,12 +89,12 @@ class SeeSR(LatentDiffusionSR):
             raise ValueError(f"tags_from must be one of {TAG_SOURCES}, got {tags_from!r}")
         dape_module = dape if isinstance(dape, nn.Module) else dape()
         self._token_dim = int(dape_module.token_dim)
-        self._controlnet_kwargs = _plain(controlnet or {})
+        self._controlnet_kwargs = plain_dict(controlnet or {})
         super().__init__(prior, **kwargs)
         self.register_frozen("dape", dape_module)
         settings = sampling if isinstance(sampling, SamplingSettings) else None
         if settings is None:  # the upscale factor is the method's: one number, not two to keep equal
-            settings = SamplingSettings(**{"upscale": scale, **_plain(sampling or {})})
+            settings = SamplingSettings(**{"upscale": scale, **plain_dict(sampling or {})})
         if settings.upscale != scale:
             raise ValueError(f"sampling.upscale={settings.upscale} differs from the method's scale={scale}")
         self.sampling = settings
@@ -181,84 +180,18 @@ class SeeSR(LatentDiffusionSR):
     @torch.no_grad()
     def restore(self, lq: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Super-resolve ``lq`` ``[B, 3, h, w]`` in [0, 1] to ``[B, 3, scale*h, scale*w]`` (spec §1.7)."""
-        settings = self.sampling
-        lr_up, out_size = upscale_for_sampling(lq, settings.upscale, settings.process_size)
         # DAPE reads the raw LR (resized to its own input size), not the upscaled one (§1.7).
         tokens = self.ram_tokens(lq)
         prompts = [self.inference_prompt(tags) for tags in self.tags(lq)]
         cond = {"text": self.encode_prompts(prompts), "tokens": tokens}
         uncond = {"text": self.encode_prompts([self.hparams.negative_prompt] * len(lq)), "tokens": tokens}
-        if generator is None and settings.seed is not None:
-            generator = torch.Generator(device=lq.device).manual_seed(int(settings.seed))
-        with self.ema_weights():
-            image = sample(
-                self.denoise,
-                cond,
-                uncond,
-                lr_up,
-                vae=self.prior.vae,
-                scheduler=self.noise_scheduler,
-                settings=settings,
-                generator=generator,
-            )
-        # colour fix first, then the resize to exactly scale x the input (spec §1.7)
-        return resize_bicubic(image, out_size)
+        return self.sample_restored(lq, cond, uncond, self.sampling, generator)
 
     def forward(self, lq: Tensor) -> Tensor:
         return self.restore(lq)
 
 
-def _plain(value: Mapping[str, Any]) -> dict[str, Any]:
-    """A Hydra DictConfig (or any mapping) as a plain dict (diffusers configs must serialise to JSON)."""
-    if isinstance(value, DictConfig):
-        return OmegaConf.to_container(value, resolve=True)  # type: ignore[return-value]
-    return dict(value)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _read_folder_weights(folder: Path) -> dict[str, Tensor]:
-    """The weights of a diffusers model folder (``diffusion_pytorch_model.safetensors`` or ``.bin``)."""
-    safetensors = folder / "diffusion_pytorch_model.safetensors"
-    if safetensors.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors))
-    bin_file = folder / "diffusion_pytorch_model.bin"
-    if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"no diffusion_pytorch_model.safetensors (or .bin) in {folder}: an official SeeSR folder holds "
-        "unet/ and controlnet/ subfolders written by diffusers' save_pretrained (spec §1.8)"
-    )
-
-
-def _check_keys(part: str, expected: Sequence[str], found: Sequence[str]) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"official SeeSR {part}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:3]}); is it a SeeSR checkpoint for this prior's UNet config?"
-        )
-
-
 def load_official_seesr(module: SeeSR, folder: str | os.PathLike) -> None:
-    """Load a released SeeSR folder (``unet/``, ``controlnet/``; spec §1.8) into ``module``.
-
-    The key sets must equal ours exactly (zero missing / unexpected, shapes equal). From the UNet only the
-    ``image_attentions`` are copied: its other weights are SD-2-base's, frozen in training, so the prior's are
-    the same tensors (loading them again would double the load time for nothing).
-    """
-    root = Path(folder).expanduser()
-    controlnet = _read_folder_weights(root / "controlnet")
-    _check_keys("controlnet", list(module.controlnet.state_dict()), list(controlnet))
-    module.controlnet.load_state_dict(controlnet, strict=True)
-    unet_state = _read_folder_weights(root / "unet")
-    _check_keys("unet", list(module.prior.unet.state_dict()), list(unet_state))
-    rca = {k: v for k, v in unet_state.items() if f".{RCA_ATTR}." in k}
-    incompatible = module.prior.unet.load_state_dict(rca, strict=False)
-    if incompatible.unexpected_keys:
-        raise CheckpointMismatchError(f"unexpected UNet keys: {incompatible.unexpected_keys[:3]}")
-    log.info(
-        f"loaded official SeeSR weights from {root} ({len(controlnet)} ControlNet, {len(rca)} RCA tensors)"
-    )
+    """Load a released SeeSR folder (``unet/``, ``controlnet/``; spec §1.8) into ``module``: the ControlNet
+    and the UNet's RCA, with key sets checked to equal ours exactly (:func:`load_controlnet_release`)."""
+    load_controlnet_release(module.controlnet, module.prior.unet, folder, RCA_ATTR, "SeeSR")

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from restore.models.seesr import sd2_base_unet_config, tiny_unet_config
+from restore.models.xpsr import sd15_unet_config
 
 __all__ = [
     "DEFAULT_SUBFOLDERS",
@@ -29,6 +30,7 @@ __all__ = [
     "FrozenPrior",
     "PriorNotFoundError",
     "freeze",
+    "sd15_prior",
     "sd2_base_prior",
     "sd_scheduler_config",
     "tiny_prior",
@@ -281,6 +283,24 @@ _SD2_TEXT_ENCODER: dict[str, Any] = {
 }
 
 
+def _full_size_prior(
+    unet_config: dict[str, Any],
+    text_config: dict[str, Any],
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+) -> FrozenPrior:
+    with torch.device(device):
+        vae = AutoencoderKL(**_SD2_VAE)
+        unet = UNet2DConditionModel(**unet_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    if dtype is not None:
+        for module in (vae, unet, text_encoder):
+            module.to(dtype=dtype)
+    for module in (vae, unet, text_encoder):
+        freeze(module)
+    return FrozenPrior(vae, unet, text_encoder, _tiny_tokenizer(), DDPMScheduler(**sd_scheduler_config()))
+
+
 def sd2_base_prior(device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> FrozenPrior:
     """The SD-2-base prior's structure at full size with random weights (frozen).
 
@@ -288,13 +308,27 @@ def sd2_base_prior(device: str | torch.device = "meta", dtype: torch.dtype | Non
     checked on any machine. On a GPU it is the random-init model of ``benchmarks/train_step.py``. The tokenizer
     is the tiny in-code one (the real vocabulary ships with the weights); its ids fit the full embedding table.
     """
-    with torch.device(device):
-        vae = AutoencoderKL(**_SD2_VAE)
-        unet = UNet2DConditionModel(**sd2_base_unet_config())
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_SD2_TEXT_ENCODER))
-    if dtype is not None:
-        for module in (vae, unet, text_encoder):
-            module.to(dtype=dtype)
-    for module in (vae, unet, text_encoder):
-        freeze(module)
-    return FrozenPrior(vae, unet, text_encoder, _tiny_tokenizer(), DDPMScheduler(**sd_scheduler_config()))
+    return _full_size_prior(sd2_base_unet_config(), _SD2_TEXT_ENCODER, device, dtype)
+
+
+# SD-1.5's text encoder, CLIP ViT-L/14's text tower (stable-diffusion-v1-5 text_encoder/config.json): 123,060,480
+# parameters; the VAE is the same as SD-2's (same config, 83,653,863 parameters).
+_SD15_TEXT_ENCODER: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
+
+def sd15_prior(device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> FrozenPrior:
+    """The SD-1.5 prior's structure at full size with random weights (frozen): XPSR's base (spec §0).
+
+    As :func:`sd2_base_prior`: for meta-device checks and random-init timing runs; real weights come from
+    :meth:`FrozenPrior.from_pretrained` (``configs/model/prior/sd15.yaml``).
+    """
+    return _full_size_prior(sd15_unet_config(), _SD15_TEXT_ENCODER, device, dtype)

@@ -39,6 +39,9 @@ import torch
 from diffusers import ControlNetModel, Transformer2DModel
 from torch import Tensor, nn
 
+from restore.models.attach import place_after, transformer_like
+from restore.models.side_inputs import SideInput, attach_side_input, has_side_input, provide, side_input_of
+
 __all__ = [
     "CONFIG_DIM_KEY",
     "CONFIG_FLAG",
@@ -61,20 +64,14 @@ CONFIG_DIM_KEY = "image_cross_attention_dim"
 #: RAM ``image_proj`` output width (spec §1.2: ``Linear 1536 -> 512``, tokens ``[B, 145, 512]``).
 RAM_TOKEN_DIM = 512
 
-_STATE_ATTR = "_rca_state"
+#: Name of the side input (:mod:`restore.models.side_inputs`) holding the RAM tokens of the current call.
+TOKENS_SLOT = "ram_tokens"
+_NO_RCA = "{} has no representation cross-attention; apply add_representation_cross_attention() first"
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 class MissingRepresentationTokensError(RuntimeError):
     """A model with RCA ran without RAM tokens (call it inside :func:`representation_tokens`)."""
-
-
-class _RCAState:
-    """Per-model slot for the RAM tokens of the current call; a plain object, so not in the state dict."""
-
-    def __init__(self, token_dim: int) -> None:
-        self.token_dim = token_dim
-        self.tokens: Tensor | None = None
 
 
 class _RCAHook:
@@ -85,19 +82,19 @@ class _RCAHook:
     would be shared and keep calling the original's weights.
     """
 
-    def __init__(self, image_attention: Transformer2DModel, state: _RCAState, site: str) -> None:
+    def __init__(self, image_attention: Transformer2DModel, slot: SideInput, site: str) -> None:
         self.image_attention = image_attention
-        self.state = state
+        self.slot = slot
         self.site = site
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        tokens = self.state.tokens
+        tokens = self.slot.value
         if tokens is None:
             raise MissingRepresentationTokensError(
                 f"{self.site} has SeeSR representation cross-attention but the model was called without RAM "
                 f"tokens: call it inside `with representation_tokens(model, tokens):` or use "
                 f"`forward_with_representation(model, ..., image_encoder_hidden_states=tokens)`, "
-                f"tokens shaped [B, N, {self.state.token_dim}]."
+                f"tokens shaped [B, N, {self.slot.width}]."
             )
         # Transformer2DModel returns a 1-tuple with return_dict=False (what the blocks use) or an output
         # dataclass with return_dict=True; hand back the same form.
@@ -131,48 +128,14 @@ def _cross_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
-def _place_after(parent: nn.Module, name: str, after: str) -> None:
-    """Move child ``name`` right behind child ``after`` in registration order.
-
-    The official blocks create ``image_attentions`` after ``resnets`` and before the up/down samplers
-    (spec TSVs); matching that order makes ``state_dict()`` list the keys in exactly the official order.
-    """
-    modules = parent._modules
-    keys = list(modules)
-    if after not in modules:
-        return
-    for key in keys[keys.index(after) + 1 :]:
-        if key != name:
-            modules[key] = modules.pop(key)  # re-inserting moves it to the end
-
-
 def _rca_like(text_attention: nn.Module, token_dim: int) -> Transformer2DModel:
     """A Transformer2DModel with the text attention's settings, ``cross_attention_dim=token_dim``, one layer."""
-    if type(text_attention) is not Transformer2DModel:
-        raise TypeError(
-            f"RCA needs Transformer2DModel text attentions, got {type(text_attention).__name__} "
-            f"(dual cross-attention and simple cross-attention blocks are not supported)"
-        )
-    # Heads, head dim, channels, norm groups, linear projection, upcast, only-cross, norm type... exactly as
-    # registered by the text attention (SD-2: heads 5/10/20, head dim 64, linear proj; spec §1.2).
-    kwargs = {k: v for k, v in text_attention.config.items() if not k.startswith("_")}
-    kwargs.update(cross_attention_dim=token_dim, num_layers=1)
-    ref = next(text_attention.parameters())
-    # Build directly on the target device: on "meta" a full SD-2 RCA set costs nothing.
-    with torch.device(ref.device):
-        rca = Transformer2DModel(**kwargs)
-    if ref.dtype != torch.get_default_dtype():  # skip no-op casts: ModelMixin.to() logs a warning each time
-        rca.to(dtype=ref.dtype)
-    rca.train(text_attention.training)
-    if getattr(text_attention, "gradient_checkpointing", False):
-        rca.gradient_checkpointing = True
-        rca._gradient_checkpointing_func = text_attention._gradient_checkpointing_func
-    return rca
+    return transformer_like(text_attention, "RCA", cross_attention_dim=token_dim, num_layers=1)
 
 
 def has_representation_cross_attention(model: nn.Module) -> bool:
     """True when :func:`add_representation_cross_attention` was applied to ``model``."""
-    return isinstance(model.__dict__.get(_STATE_ATTR), _RCAState)
+    return has_side_input(model, TOKENS_SLOT)
 
 
 def add_representation_cross_attention(model: ModelT, cross_attention_dim: int = RAM_TOKEN_DIM) -> ModelT:
@@ -190,34 +153,24 @@ def add_representation_cross_attention(model: ModelT, cross_attention_dim: int =
     blocks = _cross_attention_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no cross-attention blocks to attach RCA to")
-    state = _RCAState(cross_attention_dim)
+    slot = attach_side_input(model, TOKENS_SLOT, width=cross_attention_dim)
     for block_name, block in blocks:
         if hasattr(block, RCA_ATTR):
             raise ValueError(f"{block_name} already has an `{RCA_ATTR}` attribute")
         rcas = nn.ModuleList(_rca_like(attn, cross_attention_dim) for attn in block.attentions)
         block.add_module(RCA_ATTR, rcas)
-        _place_after(block, RCA_ATTR, after="resnets")
+        place_after(block, RCA_ATTR, after="resnets")
         for i, (attn, rca) in enumerate(zip(block.attentions, rcas)):
-            attn.register_forward_hook(_RCAHook(rca, state, f"{block_name}.attentions.{i}"))
-    model.__dict__[_STATE_ATTR] = state
+            attn.register_forward_hook(_RCAHook(rca, slot, f"{block_name}.attentions.{i}"))
     model.register_to_config(**{CONFIG_FLAG: True, CONFIG_DIM_KEY: cross_attention_dim})
     return model
 
 
-def _state_of(model: nn.Module) -> _RCAState:
-    """The RCA state of ``model``, looking through DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    current: nn.Module | None = model
-    for _ in range(4):  # a DDP of a compiled model at most; deeper nesting is not a real use
-        if current is None:
-            break
-        state = current.__dict__.get(_STATE_ATTR)
-        if isinstance(state, _RCAState):
-            return state
-        current = current._modules.get("module") or current._modules.get("_orig_mod")
-    raise ValueError(
-        f"{type(model).__name__} has no representation cross-attention; "
-        f"apply add_representation_cross_attention() first"
-    )
+def _token_dim(model: nn.Module) -> int:
+    """The RAM token width of ``model``'s RCA (through DDP / ``torch.compile`` wrappers)."""
+    width = side_input_of(model, TOKENS_SLOT, _NO_RCA.format(type(model).__name__)).width
+    assert width is not None  # always set by add_representation_cross_attention
+    return width
 
 
 @contextmanager
@@ -229,23 +182,16 @@ def representation_tokens(model: nn.Module | Sequence[nn.Module], tokens: Tensor
     tokens). On exit the previous tokens are restored, so contexts nest and exceptions leave nothing behind.
     Not thread-safe for one model shared between threads (the tokens are stored on the model).
     """
-    models = [model] if isinstance(model, nn.Module) else list(model)
-    states = [_state_of(m) for m in models]
     if not isinstance(tokens, Tensor) or tokens.ndim != 3:
         raise ValueError(
             f"RAM tokens must be a [B, N, C] tensor, got {getattr(tokens, 'shape', type(tokens))}"
         )
-    for state in states:
-        if tokens.shape[-1] != state.token_dim:
-            raise ValueError(f"RAM tokens have width {tokens.shape[-1]}, the RCA expects {state.token_dim}")
-    previous = [state.tokens for state in states]
-    for state in states:
-        state.tokens = tokens
-    try:
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    for m in models:
+        if tokens.shape[-1] != _token_dim(m):
+            raise ValueError(f"RAM tokens have width {tokens.shape[-1]}, the RCA expects {_token_dim(m)}")
+    with provide(models, TOKENS_SLOT, tokens):
         yield
-    finally:
-        for state, prev in zip(states, previous):
-            state.tokens = prev
 
 
 def forward_with_representation(
@@ -272,7 +218,7 @@ def seesr_controlnet_from_unet(unet: nn.Module, **from_unet_kwargs: Any) -> Cont
         controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False, **from_unet_kwargs)
     if ref.dtype != torch.get_default_dtype():
         controlnet.to(dtype=ref.dtype)
-    add_representation_cross_attention(controlnet, cross_attention_dim=_state_of(unet).token_dim)
+    add_representation_cross_attention(controlnet, cross_attention_dim=_token_dim(unet))
     # The submodules diffusers' from_unet copies; strict, so RCA keys must line up one to one.
     for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding"):
         target = getattr(controlnet, name, None)

@@ -1,0 +1,404 @@
+"""Multimodal LLM captioners: XPSR's high-level (content) and low-level (quality) text prompts.
+
+Spec: ``../shared/specs/seesr_xpsr.md`` §2.4. XPSR pre-computes two texts per image with MLLMs and stores
+them as plain text beside the data set:
+
+- high-level: ``llava-hf/llava-1.5-7b-hf`` (fp16, ``LlavaForConditionalGeneration`` + ``AutoProcessor``),
+  prompt ``"<image>\\nUSER: Please provide a descriptive summary of the content of this image.
+  \\nASSISTANT:"`` (one line), default decoding (no sampling arguments: greedy with this checkpoint's
+  generation config), ``max_length=200``; the text after ``"ASSISTANT:"`` is kept, newlines become spaces;
+- low-level: Q-Instruct ``internlm-xcomposer-vl-7b-qinstruct-full`` (``trust_remote_code``), query
+  ``"Describe and evaluate the quality of the image."``. That model does not run with current dependencies
+  (spec §4 item 10, qyp2000/XPSR#8), so here the low-level captioner is any LLaVA-1.5-class checkpoint in the
+  Hugging Face layout asked the Q-Instruct query (``configs/model/captioner/qinstruct.yaml``).
+
+:class:`MLLMCaptioner` is one model + processor + one instruction; :func:`tiny_llava` builds the same classes
+from configs in code (random weights, offline tokenizer) so tests run the real code path (processor ->
+generate -> decode) on a CPU in milliseconds. Captions are pre-computed into JSONL side-files by
+``scripts/extract_prompts.py`` (:mod:`restore.data.prompt_extraction`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "HIGHLEVEL_INSTRUCTION_OFFICIAL",
+    "HIGHLEVEL_INSTRUCTION_PAPER",
+    "LLAVA15_PROMPT_TEMPLATE",
+    "LOWLEVEL_INSTRUCTION_OFFICIAL",
+    "LOWLEVEL_INSTRUCTION_PAPER",
+    "OFFICIAL_MAX_LENGTH",
+    "CaptionerNotFoundError",
+    "MLLMCaptioner",
+    "tiny_llava",
+]
+
+#: The high-level instruction as the XPSR paper words it (spec §2.4).
+HIGHLEVEL_INSTRUCTION_PAPER = "Please provide a descriptive summary of the content of this image"
+#: The same as the official script sends it, with a final "." (``highlevel_prompt_{train,test}.py``, §2.4).
+HIGHLEVEL_INSTRUCTION_OFFICIAL = HIGHLEVEL_INSTRUCTION_PAPER + "."
+#: The low-level instruction as the XPSR paper words it (spec §2.4).
+LOWLEVEL_INSTRUCTION_PAPER = (
+    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, "
+    "noise, and lighting"
+)
+#: The Q-Instruct query of the official ``lowlevel_prompt_{train,test}.py`` (spec §2.4).
+LOWLEVEL_INSTRUCTION_OFFICIAL = "Describe and evaluate the quality of the image."
+#: LLaVA-1.5's single-turn prompt as XPSR writes it (spec §2.4); with the official instruction it is exactly
+#: ``"<image>\nUSER: Please provide a descriptive summary of the content of this image. \nASSISTANT:"``.
+LLAVA15_PROMPT_TEMPLATE = "<image>\nUSER: {instruction} \nASSISTANT:"
+#: The official ``generate(max_length=200)`` (spec §2.4). With transformers 4.36 the prompt held one
+#: ``<image>`` token: the budget for new tokens was 200 minus the prompt's length, ``<image>`` counted once.
+OFFICIAL_MAX_LENGTH = 200
+
+# What a LLaVA checkpoint folder in the Hugging Face layout holds, for the error message of a missing model.
+_EXPECTED_FILES = (
+    "config.json, generation_config.json  (LlavaConfig: vision_config + text_config)",
+    "model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json",
+    "preprocessor_config.json and/or processor_config.json (CLIPImageProcessor, LlavaProcessor)",
+    "tokenizer.json or tokenizer.model, tokenizer_config.json, special_tokens_map.json",
+)
+
+
+class CaptionerNotFoundError(FileNotFoundError):
+    """An MLLM captioner could not be loaded from the local folder / the offline Hugging Face cache."""
+
+
+def _missing_message(source: str, offline: bool, err: BaseException) -> str:
+    layout = "\n".join(f"  {source}/{files}" for files in _EXPECTED_FILES)
+    hf_home = os.environ.get("HF_HOME", "<unset: ~/.cache/huggingface>")
+    where = "offline (HF_HUB_OFFLINE / local_files_only)" if offline else "online"
+    return (
+        f"cannot load the captioner {source!r} ({where}): {type(err).__name__}: {err}\n"
+        f"Expected either a local folder in the Hugging Face LLaVA layout (LlavaForConditionalGeneration + "
+        f"LlavaProcessor, as llava-hf/llava-1.5-7b-hf):\n{layout}\n"
+        f"or the hub repo {source!r} already in the Hugging Face cache under HF_HOME={hf_home}. "
+        f"Fix: on a login node with internet run `huggingface-cli download {source}` (same HF_HOME) and copy "
+        "the cache, or pass the local folder path instead of the hub id. Checkpoints in the original LLaVA "
+        "repository format (LlavaLlamaForCausalLM with mm_projector weights, e.g. "
+        "teowu/llava_v1.5_7b_qinstruct_preview_v0.1) must first be converted to this layout."
+    )
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"float16"`` / ``"torch.float16"`` (Hydra passes strings) -> ``torch.float16``; dtypes, None pass."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown torch dtype {dtype!r} (e.g. float16, bfloat16, float32)")
+    return value
+
+
+def _to_uint8_images(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """``[B, 3, H, W]`` (or a list of ``[3, H, W]``, sizes may differ) in [0, 1] -> CPU uint8 ``[3, H, W]``.
+
+    The official script hands 8-bit PIL images to the processor; rounding to 8 bits here gives the processor
+    the same input (lossless for 8-bit files) and its usual ``1/255`` rescale.
+    """
+    items = list(images.unbind(0)) if isinstance(images, Tensor) else list(images)
+    out = []
+    for i, img in enumerate(items):
+        if img.ndim != 3 or img.shape[0] != 3:
+            raise ValueError(f"image {i}: expected [3, H, W] in [0, 1], got shape {tuple(img.shape)}")
+        out.append((img.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu())
+    return out
+
+
+class MLLMCaptioner(nn.Module):
+    """A LLaVA-class image-text-to-text model, its processor and one instruction: images -> one text each.
+
+    ``prompt_template`` holds ``{instruction}``; the default is LLaVA-1.5's (:data:`LLAVA15_PROMPT_TEMPLATE`).
+    Its last line (``"ASSISTANT:"``) marks where the answer starts: the official script keeps the decoded text
+    after the last occurrence of it (spec §2.4), which is what :meth:`caption` returns, newlines replaced by
+    spaces and stripped. ``max_new_tokens=None`` is the official budget: :data:`OFFICIAL_MAX_LENGTH` tokens in
+    all, prompt included with ``<image>`` counted once.
+
+    The model is a submodule (it follows ``.to()``); the processor holds no tensors and is a plain attribute.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        instruction: str,
+        prompt_template: str = LLAVA15_PROMPT_TEMPLATE,
+        max_new_tokens: int | None = None,
+        source: str | None = None,
+    ) -> None:
+        super().__init__()
+        if "{instruction}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{instruction}}', got {prompt_template!r}")
+        if max_new_tokens is not None and max_new_tokens <= 0:
+            raise ValueError(
+                f"max_new_tokens must be positive (or None for the official budget), got {max_new_tokens}"
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.instruction = instruction
+        self.prompt_template = prompt_template
+        self.max_new_tokens = max_new_tokens
+        self.source = source
+        tokenizer = processor.tokenizer
+        # Batched generation with a decoder-only model needs the padding on the left, so that every row's last
+        # prompt token sits at the end and the new tokens follow it directly.
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str,
+        instruction: str,
+        prompt_template: str = LLAVA15_PROMPT_TEMPLATE,
+        max_new_tokens: int | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        local_files_only: bool | None = None,
+        device: torch.device | str | None = None,
+    ) -> MLLMCaptioner:
+        """Load ``LlavaForConditionalGeneration`` + ``AutoProcessor`` from a hub id or a local folder.
+
+        ``torch_dtype=None``: float16 on CUDA (the official script's), float32 elsewhere. ``device=None``
+        leaves the model on the CPU (a LightningModule holding it moves it). ``local_files_only=None`` follows
+        ``HF_HUB_OFFLINE``. A model that cannot be found raises :class:`CaptionerNotFoundError` naming the
+        source, the expected folder layout and the fix.
+        """
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        source = os.fspath(model_id_or_path)
+        if local_files_only is None:
+            from huggingface_hub import constants
+
+            local_files_only = bool(constants.HF_HUB_OFFLINE)
+        dtype = _as_dtype(torch_dtype)
+        if dtype is None:
+            dtype = (
+                torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+            )
+        try:
+            processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+            model = LlavaForConditionalGeneration.from_pretrained(
+                source, dtype=dtype, local_files_only=local_files_only
+            )
+        except (OSError, ValueError) as err:  # hub "not found" errors subclass one of these
+            raise CaptionerNotFoundError(_missing_message(source, local_files_only, err)) from err
+        captioner = cls(model, processor, instruction, prompt_template, max_new_tokens, source=source)
+        return captioner.to(device) if device is not None else captioner
+
+    def with_instruction(
+        self,
+        instruction: str,
+        prompt_template: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> MLLMCaptioner:
+        """Another captioner sharing this one's model and processor (no second copy of the weights), e.g. the
+        high- and low-level prompts from one checkpoint. Unset arguments keep this captioner's."""
+        return type(self)(
+            self.model,
+            self.processor,
+            instruction,
+            self.prompt_template if prompt_template is None else prompt_template,
+            self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            source=self.source,
+        )
+
+    # ------------------------------------------------------------------------------------------ captioning
+    @property
+    def prompt(self) -> str:
+        """The text sent with every image: the template filled with the instruction."""
+        return self.prompt_template.format(instruction=self.instruction)
+
+    @property
+    def answer_marker(self) -> str:
+        """Where the answer starts: the template's last line (``"ASSISTANT:"`` for LLaVA-1.5)."""
+        return self.prompt_template.rsplit("\n", 1)[-1].strip()
+
+    def new_token_budget(self) -> int:
+        """``max_new_tokens``, or the official ``max_length=200`` less the prompt (``<image>`` as 1 token)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        prompt_length = len(self.processor.tokenizer(self.prompt)["input_ids"])
+        if prompt_length >= OFFICIAL_MAX_LENGTH:
+            raise ValueError(
+                f"the prompt is {prompt_length} tokens, not shorter than the official max_length "
+                f"{OFFICIAL_MAX_LENGTH}: set max_new_tokens"
+            )
+        return OFFICIAL_MAX_LENGTH - prompt_length
+
+    def _answer(self, decoded: str) -> str:
+        marker = self.answer_marker
+        # The official split(marker)[-1] over prompt + answer: the answer after its last marker, if any.
+        text = decoded.split(marker)[-1] if marker else decoded
+        return text.replace("\n", " ").strip()
+
+    @torch.no_grad()
+    def caption(self, images: Tensor | Sequence[Tensor]) -> list[str]:
+        """One text per image: ``images`` ``[B, 3, H, W]`` or a list of ``[3, H, W]`` (any sizes), in [0, 1].
+
+        Batched: one ``generate`` call, prompts left-padded, greedy decoding (``do_sample=False``, the default
+        of the official checkpoint); only the generated tokens are decoded.
+        """
+        pixels = _to_uint8_images(images)
+        return self._generate(pixels, [self.prompt] * len(pixels))
+
+    def _generate(self, pixels: list[Tensor], prompts: list[str]) -> list[str]:
+        """processor -> generate -> decode for uint8 images and one prompt each (prompts may differ in length:
+        the tokenizer pads on the left)."""
+        if not pixels:
+            return []
+        inputs = self.processor(
+            images=pixels, text=prompts, return_tensors="pt", padding=True, padding_side="left"
+        )
+        param = next(self.model.parameters())
+        inputs = {
+            k: (v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device))
+            if isinstance(v, Tensor)
+            else v
+            for k, v in inputs.items()
+        }
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.new_token_budget())
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        decoded = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [self._answer(text) for text in decoded]
+
+    def forward(self, images: Tensor | Sequence[Tensor]) -> list[str]:
+        """Same as :meth:`caption`."""
+        return self.caption(images)
+
+    def train(self, mode: bool = True) -> MLLMCaptioner:
+        """Always eval mode: the captioner is frozen, so a parent module's ``.train()`` must not switch the
+        MLLM's dropout on."""
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"source={self.source!r}, instruction={self.instruction!r}, max_new_tokens={self.max_new_tokens}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- tiny LLaVA
+# A fixed English sample the tiny tokenizer's merges are learnt from: the prompts' words take few tokens.
+_TINY_CORPUS = (
+    "USER: ASSISTANT: Please provide a descriptive summary of the content of this image. "
+    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, "
+    "noise, and lighting. Describe and evaluate the quality of the image. "
+    "The image shows a cat, a dog, a person and a red car on a street with trees. The quality is good, "
+    "sharp, clear and bright; it is blurry, noisy, dark, low resolution with jpeg artifacts."
+)
+_TINY_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+# Tiny CLIP: 32 px input, 8 px patches -> 16 patch tokens (+ CLS, dropped by the "default" feature selection).
+_TINY_IMAGE_SIZE = 32
+_TINY_PATCH = 8
+
+
+def _tiny_tokenizer(vocab_size: int = 512) -> Any:
+    """A real byte-level BPE tokenizer (HF ``tokenizers``) trained offline on :data:`_TINY_CORPUS`, wrapped
+    in ``PreTrainedTokenizerFast`` with LLaMA's special tokens (``<s>`` prepended) and LLaVA's ``<image>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_TINY_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS], trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def tiny_llava(instruction: str, seed: int = 0, max_new_tokens: int = 8) -> MLLMCaptioner:
+    """A random-weight, CPU-sized LLaVA-1.5 (frozen) asked ``instruction``: for tests and smoke runs.
+
+    The classes of the real checkpoint, built from configs in code: ``LlavaForConditionalGeneration`` with a
+    2-layer CLIP vision tower (32 px, 8 px patches, hidden 32; feature layer -2, CLS dropped -> 16 image
+    tokens) and a 2-layer LLaMA (hidden 32), a real ``LlavaProcessor`` with a ``CLIPImageProcessor`` (resize
+    the short side to 32, centre crop 32) and a byte-level BPE tokenizer built offline. Same code path as the
+    real model; the text is random. Deterministic for a ``seed`` (the global RNG is left untouched).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = _tiny_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": _TINY_IMAGE_SIZE},
+        crop_size={"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE},
+    )
+    # As llava-hf's processor config: patch size, the CLS token the tower adds, the "default" selection.
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_TINY_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=_TINY_IMAGE_SIZE,
+        patch_size=_TINY_PATCH,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(_TINY_IMAGE_SIZE // _TINY_PATCH) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    # Random weights would emit stray bytes and special tokens (an end-of-sequence first gives an empty text):
+    # let them write only letters and words, so tiny captions are readable, never empty, max_new_tokens long.
+    words = re.compile(r" ?[A-Za-z]+")
+    model.generation_config.suppress_tokens = [
+        i for i in range(len(tokenizer)) if not words.fullmatch(tokenizer.decode([i]))
+    ]
+    return MLLMCaptioner(model, processor, instruction, max_new_tokens=max_new_tokens, source=None)
