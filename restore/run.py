@@ -16,7 +16,9 @@ The method is built as ``instantiate(cfg.model, degradation=<instantiated cfg.de
 training method takes the degradation that synthesises its LR inputs as the ``degradation`` argument.
 
 Evaluation turns the config into an :class:`~restore.evaluation.runner.EvalSpec` and runs the benchmark
-runner on every rank of a Lightning Fabric built from the same ``trainer`` group.
+runner on every rank of a Lightning Fabric built from the same ``trainer`` group. ``train.py
+evaluate.benchmark=<name>`` runs the same runner on the trained module right after fitting, on rank 0, into
+``<run dir>/eval/<name>/`` (:mod:`restore.evaluation.post_training`).
 """
 
 from __future__ import annotations
@@ -231,7 +233,10 @@ def seed_from_config(cfg: DictConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit ``cfg.model`` on ``cfg.data``; returns the final logged metrics (for sweepers and tests)."""
+    """Fit ``cfg.model`` on ``cfg.data``, then evaluate it when ``evaluate.benchmark`` is set.
+
+    Returns the final logged metrics plus ``eval/<benchmark>/<metric>`` means (for sweepers and tests).
+    """
     try:
         single_console_log()
         apply_extras(cfg)
@@ -265,12 +270,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resolve_ckpt_path(
             cfg.get("ckpt_path"), _checkpoint_dir(callbacks, output_dir), bool(cfg.get("auto_resume", True))
         )
+        results = None
         if cfg.get("train", True):
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            from restore.evaluation.post_training import evaluate_after_training
+
+            last = _checkpoint_dir(callbacks, output_dir) / LAST_CKPT
+            results = evaluate_after_training(cfg, trainer, model, last)
         else:
-            log.info("train=false: skipping fit, validating only")
+            log.info("train=false: skipping fit, validating only (evaluate= runs after a fit only)")
             trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if results is not None:
+            bench = results["benchmark"]
+            metrics.update({f"eval/{bench}/{k}": float(v) for k, v in results["aggregate"].items()})
         log.info(f"final metrics: {metrics}")
         return metrics
     finally:
@@ -282,6 +295,7 @@ def _eval_spec(cfg: DictConfig) -> EvalSpec:
     from restore.evaluation.benchmark import Benchmark
     from restore.evaluation.fingerprint import method_label, run_key
     from restore.evaluation.runner import EvalSpec
+    from restore.evaluation.sweep import sweep_job_num, sweep_overrides
 
     benchmark_cfg = require_key(cfg, "benchmark", group_choices("benchmark"))
     method, outputs = cfg.get("method"), cfg.get("outputs")
@@ -308,6 +322,8 @@ def _eval_spec(cfg: DictConfig) -> EvalSpec:
         num_workers=int(cfg.get("num_workers", 2)),
         progress=bool(cfg.get("progress", True)),
         report=OmegaConf.to_container(cfg.get("report") or {}, resolve=True),
+        overrides=sweep_overrides(),
+        job_num=sweep_job_num(),
     )
 
 

@@ -104,3 +104,27 @@ def test_require_lists_missing_images(table_file):
     msg = str(info.value)
     assert "8 image(s)" in msg and "'new/0.png'" in msg and "and 3 more" in msg and str(table_file) in msg
     PromptTable(table_file, missing="empty").require(keys)  # no error
+
+
+def test_record_returns_every_text_field(tmp_path):
+    f = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"path": "lr/0001.png", "highlevel": "a red car", "lowlevel": "blurry, noisy", "score": 0.7},
+            {"path": "0002.png", "tags": ["car", "street"], "meta": {"w": 4}, "note": None},
+        ],
+    )
+    t = PromptTable(f)
+    assert t.record("lr/0001.png") == {"highlevel": "a red car", "lowlevel": "blurry, noisy"}
+    assert t.record("./lr\\0001.png") == t.record("lr/0001.png")  # same normalisation as t[...]
+    assert t.record("gt/0002.jpg") == {"tags": "car, street"}  # stem fallback; non-text fields left out
+    assert t.has_record("0002.png") and not t.has_record("0003.png")
+    with pytest.raises(PromptNotFoundError, match=r"no prompt for image '0003\.png' in side-file"):
+        t.record("0003.png")
+    assert PromptTable(f, missing="empty").record("0003.png") == {}
+
+
+def test_record_rejects_a_list_of_non_strings(tmp_path):
+    f = _write(tmp_path / "p.jsonl", [{"path": "1.png", "tags": ["a", 2]}])
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: field 'tags' must be a string or a list of strings"):
+        PromptTable(f).record("1.png")

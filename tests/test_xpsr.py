@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from restore.data.hr_datasets import load_embedded_photo
+from restore.data.image_io import read_image
 from restore.data.prompts import PromptTable
 from restore.methods.checkpoints import CheckpointMismatchError
 from restore.methods.xpsr import XPSR, MissingPromptsError
@@ -335,7 +336,7 @@ def test_extract_train_eval_with_xpsr_tiny(tmp_path: Path) -> None:
     assert any(".attentions_connect." in k for k in state) and any("conv_degradation_mid" in k for k in state)
 
     out = tmp_path / "eval"
-    _run(
+    eval_args = [
         "eval.py",
         "benchmark=samples",
         "method=xpsr_tiny",
@@ -347,7 +348,74 @@ def test_extract_train_eval_with_xpsr_tiny(tmp_path: Path) -> None:
         "progress=false",
         *common,
         f"hydra.run.dir={out}",
-    )
+    ]
+    _run(*eval_args)
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "xpsr_tiny" and results["num_scored"] == 8
     assert "xpsr_tiny" in (out / "table.md").read_text()
+
+    # with a benchmark prompt side-file the runner hands each image's record to restore(): no captioning, and
+    # other prompts give other images
+    lq_dir = data_root / "benchmarks" / "samples" / "lq"
+    side_file = tmp_path / "lq_prompts.jsonl"
+    side_file.write_text(
+        "".join(
+            json.dumps({"path": p.name, "highlevel": "a red car on a street", "lowlevel": "sharp and clean"})
+            + "\n"
+            for p in sorted(lq_dir.glob("*.png"))
+        )
+    )
+    out2 = tmp_path / "eval_prompts"
+    _run(*eval_args[:-1], f"benchmark.prompts={side_file}", f"hydra.run.dir={out2}")
+    assert json.loads((out2 / "results.json").read_text())["num_scored"] == 8
+    captioned = sorted((out / "images").rglob("*.png"))
+    prompted = sorted((out2 / "images").rglob("*.png"))
+    assert [p.name for p in captioned] == [p.name for p in prompted] and len(prompted) == 8
+    assert any((read_image(a) != read_image(b)).any() for a, b in zip(captioned, prompted, strict=True))
+
+
+def test_tiny_fusion_sweep_writes_one_result_per_run_and_one_ablation_table(tmp_path: Path) -> None:
+    """The paper's Tab. 3 as a sweep: `train.py -m` (basic launcher), each job evaluated into its own folder,
+    then scripts/make_table.py --ablation assembles them (rows in sweep order, labelled by the varied key)."""
+    data_root = tmp_path / "data"
+    _extract_tiny_prompts(data_root)
+    sweep = tmp_path / "sweep"
+    fusions = ["sfa", "serial", "high_only", "low_only"]
+    _run(
+        "train.py",
+        "-m",
+        "experiment=xpsr_tiny",
+        f"model.fusion={','.join(fusions)}",
+        "trainer.max_steps=1",
+        "evaluate.benchmark=samples",
+        "evaluate.metrics=[psnr,ssim]",
+        "model.sampling.num_steps=2",
+        f"paths.data_root={data_root}",
+        f"hydra.sweep.dir={sweep}",
+        "extras.print_config=false",
+        timeout=900,
+    )
+    results = [
+        json.loads((sweep / str(i) / "eval" / "samples" / "results.json").read_text()) for i in range(4)
+    ]
+    assert [r["overrides"]["model.fusion"] for r in results] == fusions
+    assert all(r["num_scored"] == 8 for r in results)
+    state = torch.load(sweep / "1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not any(
+        ".attentions_connect." in k for k in state["state_dict"]
+    )  # serial has no connect attention
+    table = subprocess.run(
+        [sys.executable, "scripts/make_table.py", "--ablation", str(sweep)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| fusion=")]
+    assert [row.split("|")[1].strip() for row in rows] == [f"fusion={f}" for f in fusions]
+    psnr = [
+        float(row.split("|")[2].strip().strip("*").replace("<u>", "").replace("</u>", "")) for row in rows
+    ]
+    assert psnr == [round(r["aggregate"]["psnr"], 2) for r in results]

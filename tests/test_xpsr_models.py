@@ -6,6 +6,8 @@ Spec: ../shared/specs/seesr_xpsr.md §2.2, §2.3, §2.5, §6; key lists: seesr_x
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -333,3 +335,16 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("part", ["unet", "controlnet"])
+def test_inspect_model_script_prints_the_official_xpsr_key_lists(part: str) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "inspect_model.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "model=xpsr", f"part={part}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["\t".join(line) for line in _tsv(f"xpsr_{part}")]

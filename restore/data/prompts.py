@@ -7,7 +7,8 @@ pipeline, so training and evaluation see exactly the same text. Format, one JSON
 
 ``path`` is the image path relative to the dataset root, i.e. the dataset's ``key``. Any other field
 can be selected with ``key=`` (``"prompt"``, ``"tags"``, ``"caption"``...); list values (tag lists) are
-joined with ``", "``. Blank lines are ignored.
+joined with ``", "``. Blank lines are ignored. :meth:`PromptTable.record` returns every text field of an
+entry at once (XPSR's ``highlevel`` and ``lowlevel`` prompts of one image).
 
 Lookup first matches the normalised relative path exactly; failing that it falls back to the file
 stem (``"sub/0001.png"`` finds an entry ``"0001.jpg"``) provided that stem is unique in the side-file.
@@ -101,18 +102,21 @@ class PromptTable:
         rel = self._resolve(image_key)
         return rel is not None and self.key in self._records[rel][1]
 
+    def _no_entry_message(self, image_key: str) -> str:
+        hint = ""
+        if _stem(_normalise(image_key)) in self._ambiguous_stems:
+            hint = " (its file stem matches several entries, so the stem fallback was not used)"
+        return (
+            f"no prompt for image '{image_key}' in side-file '{self.path}'{hint}; add a line "
+            f'{{"path": "{_normalise(image_key)}", "{self.key}": "..."}} or use missing="empty"'
+        )
+
     def __getitem__(self, image_key: str) -> str:
         rel = self._resolve(image_key)
         if rel is None:
             if self.missing == "empty":
                 return ""
-            hint = ""
-            if _stem(_normalise(image_key)) in self._ambiguous_stems:
-                hint = " (its file stem matches several entries, so the stem fallback was not used)"
-            raise PromptNotFoundError(
-                f"no prompt for image '{image_key}' in side-file '{self.path}'{hint}; add a line "
-                f'{{"path": "{_normalise(image_key)}", "{self.key}": "..."}} or use missing="empty"'
-            )
+            raise PromptNotFoundError(self._no_entry_message(image_key))
         lineno, record = self._records[rel]
         if self.key not in record:
             if self.missing == "empty":
@@ -122,6 +126,31 @@ class PromptTable:
                 f"'{self.key}'; fields present: {sorted(record)}"
             )
         return _as_text(record[self.key], f"{self.path}:{lineno}", self.key)
+
+    def has_record(self, image_key: str) -> bool:
+        """Whether ``image_key`` has an entry at all (whatever its fields), after the stem fallback."""
+        return self._resolve(image_key) is not None
+
+    def record(self, image_key: str) -> dict[str, str]:
+        """Every text field of the entry for ``image_key``: ``{"highlevel": "...", "lowlevel": "..."}``.
+
+        String and list fields are returned (lists joined with ``", "`` as for ``key=``); ``path`` and
+        fields of other types (numbers, objects: metadata, not text) are left out. Lookup and the missing
+        policy are those of ``table[image_key]``: no entry raises :class:`PromptNotFoundError`, or with
+        ``missing="empty"`` returns ``{}`` (the method then falls back to its unconditional prompts).
+        """
+        rel = self._resolve(image_key)
+        if rel is None:
+            if self.missing == "empty":
+                return {}
+            raise PromptNotFoundError(self._no_entry_message(image_key))
+        lineno, record = self._records[rel]
+        where = f"{self.path}:{lineno}"
+        return {
+            name: _as_text(value, where, name)
+            for name, value in record.items()
+            if name != "path" and isinstance(value, (str, list))
+        }
 
     def get(self, image_key: str, default: str | None = None) -> str | None:
         """Like ``dict.get``: ``default`` instead of an error when there is no text for ``image_key``."""

@@ -8,6 +8,10 @@ since scores over a silently different image set would not be comparable with pu
 
 Items are named by their LR path relative to ``lr_dir`` without extension (and without ``lr_suffix``),
 which is also the restored file's name (``<name>.png``) and the key of its scores.
+
+A benchmark may name a prompt side-file (``prompts:``, the JSONL of :mod:`restore.data.prompts`, keyed by the
+LR path relative to ``lr_dir`` *with* its extension, as ``scripts/extract_prompts.py --input <lr_dir>``
+writes it): methods whose ``restore`` takes ``prompts=`` get each image's record (XPSR's MLLM prompts).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from restore.data.image_io import is_image_file
+from restore.data.prompts import PromptTable
 
 __all__ = ["Benchmark", "BenchmarkError", "BenchmarkItem", "Skipped", "apply_steps", "index_images"]
 
@@ -110,6 +115,7 @@ class Benchmark:
     pre: list[dict[str, Any]] = field(default_factory=list)
     post: list[dict[str, Any]] = field(default_factory=list)
     prepare: str | None = None
+    prompts: Path | None = None  # JSONL prompt side-file keyed by the LR path relative to lr_dir
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Benchmark:
@@ -120,6 +126,7 @@ class Benchmark:
         kwargs = dict(cfg)
         kwargs["lr_dir"] = Path(kwargs["lr_dir"])
         kwargs["gt_dir"] = Path(kwargs["gt_dir"]) if kwargs.get("gt_dir") else None
+        kwargs["prompts"] = Path(kwargs["prompts"]).expanduser() if kwargs.get("prompts") else None
         kwargs["metrics"] = list(kwargs.get("metrics") or [])
         kwargs["pre"] = [dict(s) for s in kwargs.get("pre") or []]
         kwargs["post"] = [dict(s) for s in kwargs.get("post") or []]
@@ -148,7 +155,42 @@ class Benchmark:
             "gt_suffix": self.gt_suffix,
             "pre": self.pre,
             "post": self.post,
+            "prompts": None if self.prompts is None else str(self.prompts),
         }
+
+    def prompt_key(self, item: BenchmarkItem) -> str:
+        """The key of ``item`` in the prompt side-file: its LR path relative to ``lr_dir``, extension included."""
+        return item.lr.relative_to(self.lr_dir).as_posix()
+
+    def prompt_table(self, items: Sequence[BenchmarkItem]) -> PromptTable | None:
+        """The prompt side-file (``None`` without one), checked to hold an entry for every item.
+
+        Checked before anything is restored: a missing prompt found hours into a run would waste them.
+        """
+        if self.prompts is None:
+            return None
+        if not self.prompts.is_file():
+            raise BenchmarkError(
+                f"benchmark `{self.name}`: prompt side-file '{self.prompts}' does not exist; "
+                f"{self._extract_hint()}"
+            )
+        table = PromptTable(self.prompts)
+        missing = [k for k in (self.prompt_key(it) for it in items) if not table.has_record(k)]
+        if missing:
+            raise BenchmarkError(
+                f"benchmark `{self.name}`: {len(missing)} LR image(s) have no entry in the prompt side-file "
+                f"'{self.prompts}': {_list(missing, 5)}; {self._extract_hint()}"
+            )
+        return table
+
+    def _extract_hint(self) -> str:
+        # --input <lr_dir> keys the entries exactly as prompt_key() looks them up; the script resumes,
+        # so rerunning it on an existing file only adds the images it lacks
+        return (
+            f"write the prompts with `python scripts/extract_prompts.py --input {self.lr_dir} "
+            f"--out {self.prompts} --field NAME=SOURCE ...` (e.g. --field highlevel=llava15_7b "
+            "--field lowlevel=qinstruct for XPSR), or set benchmark.prompts=null"
+        )
 
     def collect(self) -> tuple[list[BenchmarkItem], list[Skipped]]:
         """The items in name order and the files left out; raises on unmatched names."""

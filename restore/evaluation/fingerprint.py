@@ -4,7 +4,10 @@
   file signature, scored folder, metric selection and settings) — not batch sizes, workers or devices.
   ``eval.py`` names its run directory ``<label>-<run key>`` (resolver ``${eval_run_name:}``), so running
   the same command again continues the same run, and any change that alters results gets a new directory:
-  nothing is recomputed needlessly and nothing of an earlier run is overwritten.
+  nothing is recomputed needlessly and nothing of an earlier run is overwritten. A benchmark's prompt side-file
+  enters by its content (:func:`file_digest`): restored images made with other prompts are not reused.
+- :func:`module_digest` stands in for the weights file when ``train.py evaluate=...`` scores the module still
+  in memory after training.
 - The score fingerprint adds what only the built metrics know (pyiqa version, each metric's resolved
   options); every stored score line carries it (see :mod:`restore.evaluation.score_store`).
 """
@@ -15,12 +18,22 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["ckpt_signature", "method_label", "register_resolvers", "run_key", "stable_hash"]
+__all__ = [
+    "ckpt_signature",
+    "evaluation_key",
+    "file_digest",
+    "method_label",
+    "module_digest",
+    "register_resolvers",
+    "run_key",
+    "stable_hash",
+]
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:
@@ -40,32 +53,80 @@ def ckpt_signature(path: str | os.PathLike | None) -> Any:
     return [str(p.resolve()), [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (a prompt side-file: edited in place, its path and size may not change)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def module_digest(module: Any) -> str:
+    """sha256 over a module's ``state_dict`` tensors (names, dtypes, shapes, bytes), in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        if not torch.is_tensor(value):
+            continue
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def _selected_metrics(cfg: DictConfig) -> dict[str, Any]:
-    catalog = cfg.get("metrics") or {}
+def _selected_metrics(benchmark: Mapping[str, Any], catalog: Mapping[str, Any] | None) -> dict[str, Any]:
+    catalog = catalog or {}
     selected = {}
-    for entry in _plain(cfg.benchmark.get("metrics")) or []:
+    for entry in benchmark.get("metrics") or []:
         if isinstance(entry, str):
-            selected[entry] = _plain(catalog.get(entry)) if entry in catalog else entry
+            selected[entry] = catalog.get(entry) if entry in catalog else entry
         else:
             selected[str(entry.get("name"))] = entry
     return selected
 
 
-def run_key(cfg: DictConfig) -> str:
-    """Hash of the config parts that define an evaluation's images and scores."""
-    outputs = cfg.get("outputs")
+def evaluation_key(
+    benchmark: Mapping[str, Any],
+    method: Any,
+    weights: Any,
+    outputs: str | os.PathLike | None = None,
+    metric_catalog: Mapping[str, Any] | None = None,
+) -> str:
+    """Hash of what defines an evaluation's images and scores, from plain containers.
+
+    ``weights``: what identifies the trained weights (:func:`ckpt_signature` of a file, or
+    :func:`module_digest` of an in-memory module).
+    """
+    bench = dict(benchmark)
+    prompts = bench.pop("prompts", None)
+    if prompts:  # only then: keys of runs without prompts stay what they were before prompts existed
+        path = Path(str(prompts)).expanduser()
+        bench["prompts"] = [str(path), file_digest(path) if path.is_file() else None]
     parts = {
-        "benchmark": _plain(cfg.benchmark),
-        "method": _plain(cfg.get("method")),
-        "weights": ckpt_signature(cfg.get("ckpt_path")),
+        "benchmark": bench,
+        "method": method,
+        "weights": weights,
         "outputs": str(Path(outputs).expanduser().resolve()) if outputs else None,
-        "metrics": _selected_metrics(cfg),
+        "metrics": _selected_metrics(benchmark, metric_catalog),
     }
     return stable_hash(parts, 8)
+
+
+def run_key(cfg: DictConfig) -> str:
+    """Hash of the config parts that define an evaluation's images and scores (``eval.py``'s config)."""
+    return evaluation_key(
+        _plain(cfg.benchmark),
+        _plain(cfg.get("method")),
+        ckpt_signature(cfg.get("ckpt_path")),
+        cfg.get("outputs"),
+        _plain(cfg.get("metrics")),
+    )
 
 
 def method_label(cfg: DictConfig) -> str:

@@ -77,7 +77,9 @@ def validate_results(data: Any, source: str = "<in-memory result>") -> dict[str,
     - optional (defaults in brackets): ``num_images`` [len(per_image) + len(skipped)], ``num_scored``
       [len(per_image)] (non-negative integers, ``num_scored <= num_images``), ``skipped`` [[]] (objects
       with ``name`` and ``reason``), ``missing_metrics`` [{}] (name -> reason string), ``settings`` [{}],
-      ``created`` [null] (ISO 8601 string).
+      ``created`` [null] (ISO 8601 string), ``overrides`` [{}] (the Hydra overrides that vary across the
+      sweep the run belongs to: key -> value string), ``job_num`` [null] (the run's job number in that
+      sweep, non-negative integer).
     """
 
     def fail(problem: str) -> None:
@@ -169,6 +171,14 @@ def validate_results(data: Any, source: str = "<in-memory result>") -> dict[str,
             fail(f"{key!r} must be a non-negative integer, got {n!r}")
     if out["num_scored"] > out["num_images"]:
         fail(f"'num_scored' ({out['num_scored']}) exceeds 'num_images' ({out['num_images']})")
+    overrides = out.setdefault("overrides", {})
+    if not isinstance(overrides, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in overrides.items()
+    ):
+        fail(f"'overrides' must be an object of override key -> value string, got {overrides!r}")
+    job_num = out.setdefault("job_num", None)
+    if job_num is not None and (not isinstance(job_num, int) or isinstance(job_num, bool) or job_num < 0):
+        fail(f"'job_num' must be a non-negative integer or null, got {job_num!r}")
     created = out.setdefault("created", None)
     if created is not None and _parse_created(created) is None:
         fail(f"'created' must be an ISO 8601 date-time string or null, got {created!r}")

@@ -14,11 +14,17 @@ Per rank (one process per GPU, or one CPU process):
    over the whole set and writes the outputs.
 
 Images are assigned to ranks round-robin in name order, so each one is restored and scored exactly once.
+
+``module=`` evaluates a module already in memory (``train.py evaluate=...`` right after fitting) instead of
+building ``spec.method`` and loading ``spec.ckpt_path``; the restore loop is the same. When the benchmark names
+a prompt side-file and the method's ``restore`` has a ``prompts`` parameter, each image's record (all text
+fields of its entry) is passed as ``restore(lq, prompts=[record])``; other methods are called as ``restore(lq)``.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import logging
@@ -37,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from restore.data.image_io import ImageReadError, image_size, read_image, to_tensor, write_image
+from restore.data.prompts import PromptTable
 from restore.evaluation.benchmark import (
     Benchmark,
     BenchmarkError,
@@ -74,6 +81,8 @@ class EvalSpec:
     num_workers: int = 2
     progress: bool = True
     report: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, str] = field(default_factory=dict)  # a sweep's varying overrides (sweep.py)
+    job_num: int | None = None  # the job's number in that sweep
 
     @property
     def images_dir(self) -> Path:
@@ -147,8 +156,28 @@ def _load_method(spec: EvalSpec, device: torch.device) -> torch.nn.Module:
     return module.to(device).eval()
 
 
-def restore_images(spec: EvalSpec, items: Sequence[BenchmarkItem], fabric: Any) -> list[Skipped]:
-    """Restore this rank's share of ``items`` into ``spec.images_dir`` (files already there are kept)."""
+def takes_prompts(model: Any) -> bool:
+    """Whether ``model.restore`` has a parameter named ``prompts`` (per-image prompt records)."""
+    params = inspect.signature(model.restore).parameters
+    return "prompts" in params and params["prompts"].kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def restore_images(
+    spec: EvalSpec,
+    items: Sequence[BenchmarkItem],
+    fabric: Any,
+    module: torch.nn.Module | None = None,
+    prompts: PromptTable | None = None,
+) -> list[Skipped]:
+    """Restore this rank's share of ``items`` into ``spec.images_dir`` (files already there are kept).
+
+    ``module``: the method to run (default: built from ``spec.method`` with ``spec.ckpt_path``); it is moved
+    to the device and put in eval mode, and its train/eval mode is restored afterwards. ``prompts``: the
+    benchmark's side-file (:meth:`Benchmark.prompt_table`), passed to methods that take ``prompts=``.
+    """
     rank, size = world()
     mine = [it for it in items[rank::size] if not (spec.images_dir / f"{it.name}.png").is_file()]
     done = len(items[rank::size]) - len(mine)
@@ -158,7 +187,34 @@ def restore_images(spec: EvalSpec, items: Sequence[BenchmarkItem], fabric: Any) 
     if not mine:
         return skipped
     device = fabric.device if fabric is not None else torch.device("cpu")
-    model = _load_method(spec, device)
+    was_training = None if module is None else module.training
+    model = _load_method(spec, device) if module is None else module.to(device).eval()
+    if not hasattr(model, "restore"):
+        raise BenchmarkError(f"method `{spec.label}` ({type(model).__name__}) has no restore(lq) method")
+    use_prompts = prompts is not None and takes_prompts(model)
+    if prompts is not None and not use_prompts and rank == 0:
+        log.info(
+            f"benchmark `{spec.benchmark.name}` has prompts ({prompts.path}) but method `{spec.label}` "
+            f"({type(model).__name__}.restore) takes none: restoring without them"
+        )
+    try:
+        skipped += _restore_loop(spec, mine, model, fabric, device, prompts if use_prompts else None)
+    finally:
+        if was_training is not None:
+            module.train(was_training)
+    return skipped
+
+
+def _restore_loop(
+    spec: EvalSpec,
+    mine: Sequence[BenchmarkItem],
+    model: Any,
+    fabric: Any,
+    device: torch.device,
+    prompts: PromptTable | None,
+) -> list[Skipped]:
+    rank, _ = world()
+    skipped: list[Skipped] = []
     scale = spec.benchmark.scale
     bar = tqdm(
         mine, desc=f"restore {spec.benchmark.name}", unit="img", disable=not spec.progress or rank != 0
@@ -171,8 +227,9 @@ def restore_images(spec: EvalSpec, items: Sequence[BenchmarkItem], fabric: Any) 
             log.warning(f"skipped '{item.lr}': {err.reason}")
             continue
         lq = apply_steps(lq, spec.benchmark.pre)
+        kwargs = {} if prompts is None else {"prompts": [prompts.record(spec.benchmark.prompt_key(item))]}
         with torch.inference_mode(), fabric.autocast() if fabric is not None else nullcontext():
-            sr = model.restore(lq[None].to(device))
+            sr = model.restore(lq[None].to(device), **kwargs)
         expected = (lq.shape[1] * scale, lq.shape[2] * scale)
         if tuple(sr.shape[-2:]) != expected:
             raise BenchmarkError(
@@ -390,6 +447,8 @@ def build_results(
             "config_hash": spec.run_key,
             "score_fingerprint": fingerprint,
         },
+        "overrides": dict(spec.overrides),
+        "job_num": spec.job_num,
         "created": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -476,8 +535,13 @@ def _prepare_embedded(spec: EvalSpec) -> None:
         prepare_samples(root, progress=spec.progress, overwrite=True)
 
 
-def evaluate_benchmark(spec: EvalSpec, fabric: Any = None) -> dict[str, Any] | None:
-    """Run one evaluation on this rank; rank 0 returns the results document, other ranks None."""
+def evaluate_benchmark(
+    spec: EvalSpec, fabric: Any = None, module: torch.nn.Module | None = None
+) -> dict[str, Any] | None:
+    """Run one evaluation on this rank; rank 0 returns the results document, other ranks None.
+
+    ``module``: a method already in memory to restore with (else built from ``spec.method``/``spec.ckpt_path``).
+    """
     from restore.metrics import MetricSuite
 
     rank, _ = world()
@@ -492,7 +556,8 @@ def evaluate_benchmark(spec: EvalSpec, fabric: Any = None) -> dict[str, Any] | N
     if spec.outputs is not None:
         sr_paths = match_outputs(items, spec.outputs)
     else:
-        skipped += restore_images(spec, items, fabric)
+        prompts = spec.benchmark.prompt_table(items)  # every rank checks, so that all of them stop together
+        skipped += restore_images(spec, items, fabric, module=module, prompts=prompts)
         barrier()
         # an LR that could not be read on any rank has no restored file: leave it out on every rank
         sr_paths = {

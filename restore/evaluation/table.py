@@ -6,7 +6,9 @@ rounding to the metric's precision): two cells that read the same get the same m
 dense ranking (best distinct value bold, next distinct value underlined). Missing values show as "–".
 
 The same :class:`Table` model feeds the Markdown and LaTeX renderers here and the HTML table of the
-report (:mod:`restore.evaluation.report`), so all three always agree on numbers and marks.
+report (:mod:`restore.evaluation.report`), so all three always agree on numbers and marks. The ablation
+layout (:mod:`restore.evaluation.ablation`: runs as rows, metrics as columns) is built from the same pieces:
+:func:`metric_specs`, :func:`score_cell`, :func:`mark_cells`, :func:`coverage_notes` and the cell renderers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from restore.evaluation.results import dedupe_results, finite, load_results, res
 
 __all__ = [
     "BENCHMARK_NAMES",
+    "DAGGER",
     "DEFAULT_PRECISION",
     "DISPLAY_NAMES",
     "PRECISION",
@@ -30,10 +33,19 @@ __all__ = [
     "Row",
     "Table",
     "build_table",
+    "coverage_notes",
     "load_results",
+    "mark_cells",
+    "md_cell",
+    "md_escape",
     "metric_display_name",
+    "metric_order",
     "metric_precision",
+    "metric_specs",
     "results_table",
+    "score_cell",
+    "tex_cell",
+    "tex_escape",
     "write_table",
 ]
 
@@ -80,7 +92,7 @@ BENCHMARK_NAMES: dict[str, str] = {
 }
 
 MISSING = "–"
-_DAGGER = "†"
+DAGGER = "†"
 
 Mark = Literal["best", "second"] | None
 
@@ -153,7 +165,8 @@ class Table:
     footnotes: list[str] = field(default_factory=list)
 
 
-def _mark_cells(cells: list[Cell], lower_better: bool) -> None:
+def mark_cells(cells: list[Cell], lower_better: bool) -> None:
+    """Best distinct displayed value bold ("best"), the next one underlined ("second"); needs two values."""
     distinct = sorted({c.value for c in cells if c.value is not None}, reverse=not lower_better)
     if len(distinct) == 0 or sum(c.value is not None for c in cells) < 2:
         return  # a single number is not "best" of anything
@@ -162,6 +175,67 @@ def _mark_cells(cells: list[Cell], lower_better: bool) -> None:
             c.mark = "best"
         elif len(distinct) > 1 and c.value == distinct[1]:
             c.mark = "second"
+
+
+def metric_specs(results: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Metric -> its first spec in ``results`` (order of first appearance); a metric that is lower-better in
+    one result and higher-better in another raises ``ValueError`` naming both files."""
+    specs: dict[str, Mapping[str, Any]] = {}
+    spec_source: dict[str, str] = {}
+    for i, r in enumerate(results):
+        for name, spec in r["metrics"].items():
+            if name not in specs:
+                specs[name], spec_source[name] = spec, result_source(r, i)
+            elif bool(spec["lower_better"]) != bool(specs[name]["lower_better"]):
+                raise ValueError(
+                    f"metric {name!r} is lower-better in one result and higher-better in another "
+                    f"({spec_source[name]} vs {result_source(r, i)}); they cannot share a row"
+                )
+    return specs
+
+
+def metric_order(specs: Mapping[str, Any], metrics: Sequence[str] | None) -> list[str]:
+    """The requested metrics (deduplicated, in order), or all of ``specs``; unknown names raise ``ValueError``."""
+    if metrics is None:
+        return list(specs)
+    order = list(dict.fromkeys(metrics))
+    unknown = [m for m in order if m not in specs]
+    if unknown:
+        raise ValueError(f"metric(s) {unknown} are in no result; available: {list(specs)}")
+    return order
+
+
+def score_cell(value: Any, decimals: int) -> Cell:
+    """A mean as displayed: rounded to ``decimals``, ranked by the rounded value; missing/NaN is "–"."""
+    raw = finite(value)
+    if raw is None:
+        return Cell(MISSING, None)
+    text = f"{raw:.{decimals}f}"
+    return Cell(text, float(text))
+
+
+def coverage_notes(label: str, runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Footnotes for one benchmark's runs (name -> result, in column/row order): different image counts,
+    images left unscored, different scales."""
+    counts = {m: int(r["num_scored"]) for m, r in runs.items()}
+    scales = {m: int(r["scale"]) for m, r in runs.items()}
+    notes = []
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{m}: {n}" for m, n in counts.items())
+        notes.append(
+            f"{label}: the methods were scored on different numbers of images ({detail}); "
+            "comparing means over different image sets is misleading."
+        )
+    else:
+        short = [
+            f"{m}: {n} of {runs[m]['num_images']}" for m, n in counts.items() if n < runs[m]["num_images"]
+        ]
+        if short:
+            notes.append(f"{label}: not every image was scored ({', '.join(short)}).")
+    if len(set(scales.values())) > 1:
+        detail = ", ".join(f"{m}: ×{s}" for m, s in scales.items())
+        notes.append(f"{label}: the methods ran at different scales ({detail}).")
+    return notes
 
 
 def _order_methods(results: Sequence[Mapping[str, Any]], last: str | None) -> list[str]:
@@ -191,24 +265,8 @@ def build_table(
         raise ValueError("no results to tabulate")
     results = dedupe_results(validate_all(results), on_duplicate)
     methods = _order_methods(results, last)
-    specs: dict[str, Mapping[str, Any]] = {}  # metric -> first spec seen
-    spec_source: dict[str, str] = {}
-    for i, r in enumerate(results):
-        for name, spec in r["metrics"].items():
-            if name not in specs:
-                specs[name], spec_source[name] = spec, result_source(r, i)
-            elif bool(spec["lower_better"]) != bool(specs[name]["lower_better"]):
-                raise ValueError(
-                    f"metric {name!r} is lower-better in one result and higher-better in another "
-                    f"({spec_source[name]} vs {result_source(r, i)}); they cannot share a row"
-                )
-    if metrics is None:
-        metric_order = list(specs)
-    else:
-        metric_order = list(dict.fromkeys(metrics))
-        unknown = [m for m in metric_order if m not in specs]
-        if unknown:
-            raise ValueError(f"metric(s) {unknown} are in no result; available: {list(specs)}")
+    specs = metric_specs(results)
+    order = metric_order(specs, metrics)
 
     by_benchmark: dict[str, dict[str, Mapping[str, Any]]] = {}
     for r in results:
@@ -216,20 +274,16 @@ def build_table(
     groups: list[Group] = []
     for bench, per_method in by_benchmark.items():
         rows = []
-        for metric in metric_order:
+        for metric in order:
             p = metric_precision(metric, precision)
-            cells = []
-            for m in methods:
-                raw = finite(per_method[m]["aggregate"].get(metric)) if m in per_method else None
-                if raw is None:
-                    cells.append(Cell(MISSING, None))
-                else:
-                    text = f"{raw:.{p}f}"
-                    cells.append(Cell(text, float(text)))
+            cells = [
+                score_cell(per_method[m]["aggregate"].get(metric) if m in per_method else None, p)
+                for m in methods
+            ]
             if all(c.value is None for c in cells):
                 continue
             lower = bool(specs[metric]["lower_better"])
-            _mark_cells(cells, lower)
+            mark_cells(cells, lower)
             rows.append(Row(metric, metric_display_name(metric), lower, cells))
         counts = {m: int(per_method[m]["num_scored"]) for m in methods if m in per_method}
         scales = {m: int(per_method[m]["scale"]) for m in methods if m in per_method}
@@ -237,24 +291,8 @@ def build_table(
 
     footnotes = []
     for g in groups:
-        notes = []
-        if g.counts_differ:
-            detail = ", ".join(f"{m}: {n}" for m, n in g.counts.items())
-            notes.append(
-                f"{g.label}: the methods were scored on different numbers of images ({detail}); "
-                "comparing means over different image sets is misleading."
-            )
-        else:
-            short = [
-                f"{m}: {n} of {by_benchmark[g.benchmark][m]['num_images']}"
-                for m, n in g.counts.items()
-                if n < by_benchmark[g.benchmark][m]["num_images"]
-            ]
-            if short:
-                notes.append(f"{g.label}: not every image was scored ({', '.join(short)}).")
-        if len(set(g.scales.values())) > 1:
-            detail = ", ".join(f"{m}: ×{s}" for m, s in g.scales.items())
-            notes.append(f"{g.label}: the methods ran at different scales ({detail}).")
+        per_method = by_benchmark[g.benchmark]
+        notes = coverage_notes(g.label, {m: per_method[m] for m in methods if m in per_method})
         g.flagged = bool(notes)
         footnotes += notes
     return Table(methods, groups, footnotes)
@@ -263,12 +301,12 @@ def build_table(
 # --- Markdown ---------------------------------------------------------------------------------------
 
 
-def _md_escape(text: str) -> str:
+def md_escape(text: str) -> str:
     # html.escape: GitHub treats <...> in cells as HTML; "|" would split the cell.
     return html.escape(text, quote=False).replace("|", "\\|")
 
 
-def _md_cell(c: Cell) -> str:
+def md_cell(c: Cell) -> str:
     if c.mark == "best":
         return f"**{c.text}**"
     if c.mark == "second":
@@ -278,20 +316,20 @@ def _md_cell(c: Cell) -> str:
 
 def _render_markdown(t: Table) -> str:
     lines = [
-        "| " + " | ".join(["Dataset", "Metric", *map(_md_escape, t.methods)]) + " |",
+        "| " + " | ".join(["Dataset", "Metric", *map(md_escape, t.methods)]) + " |",
         "|" + "|".join([":--", ":--"] + [":-:"] * len(t.methods)) + "|",
     ]
     for g in t.groups:
-        dataset = _md_escape(g.label) + (f" ({g.count_text})" if g.counts_differ else "")
-        dataset += _DAGGER if g.flagged else ""
+        dataset = md_escape(g.label) + (f" ({g.count_text})" if g.counts_differ else "")
+        dataset += DAGGER if g.flagged else ""
         for i, row in enumerate(g.rows):
             first = dataset if i == 0 else ""
-            cells = [first, f"{_md_escape(row.label)} {row.arrow}", *map(_md_cell, row.cells)]
+            cells = [first, f"{md_escape(row.label)} {row.arrow}", *map(md_cell, row.cells)]
             lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if t.footnotes:
         # Blank lines between notes: each renders as its own paragraph.
-        text += "\n" + "\n\n".join(f"{_DAGGER} {_md_escape(f)}" for f in t.footnotes) + "\n"
+        text += "\n" + "\n\n".join(f"{DAGGER} {md_escape(f)}" for f in t.footnotes) + "\n"
     return text
 
 
@@ -313,11 +351,11 @@ _LATEX_SPECIAL = {
 }
 
 
-def _tex_escape(text: str) -> str:
+def tex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def _tex_cell(c: Cell) -> str:
+def tex_cell(c: Cell) -> str:
     if c.value is None:
         return "--"
     if c.mark == "best":
@@ -332,24 +370,24 @@ def _render_latex(t: Table) -> str:
         r"% requires \usepackage{booktabs} and \usepackage{multirow}",
         r"\begin{tabular}{ll" + "c" * len(t.methods) + "}",
         r"\toprule",
-        " & ".join(["Dataset", "Metric", *map(_tex_escape, t.methods)]) + r" \\",
+        " & ".join(["Dataset", "Metric", *map(tex_escape, t.methods)]) + r" \\",
         r"\midrule",
     ]
     for gi, g in enumerate(t.groups):
         if gi:
             lines.append(r"\midrule")
-        dataset = _tex_escape(g.label) + (f" ({_tex_escape(g.count_text)})" if g.counts_differ else "")
+        dataset = tex_escape(g.label) + (f" ({tex_escape(g.count_text)})" if g.counts_differ else "")
         if g.flagged:
             dataset += r"$^\dagger$"
         for i, row in enumerate(g.rows):
             first = rf"\multirow{{{len(g.rows)}}}{{*}}{{{dataset}}}" if i == 0 else ""
             arrow = r"$\downarrow$" if row.lower_better else r"$\uparrow$"
             lines.append(
-                " & ".join([first, f"{_tex_escape(row.label)} {arrow}", *map(_tex_cell, row.cells)]) + r" \\"
+                " & ".join([first, f"{tex_escape(row.label)} {arrow}", *map(tex_cell, row.cells)]) + r" \\"
             )
     lines += [r"\bottomrule", r"\end{tabular}"]
     for note in t.footnotes:
-        lines.append(r"\par\footnotesize $^\dagger$ " + _tex_escape(note))
+        lines.append(r"\par\footnotesize $^\dagger$ " + tex_escape(note))
     return "\n".join(lines) + "\n"
 
 
