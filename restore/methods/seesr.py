@@ -27,11 +27,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from restore.methods.checkpoints import load_controlnet_release
 from restore.methods.latent_diffusion import LatentDiffusionSR, plain_dict
+from restore.methods.training_pairs import upsampled_lr
 from restore.models.priors import FrozenPrior
 from restore.models.rca import (
     RCA_ATTR,
@@ -140,7 +140,7 @@ class SeeSR(LatentDiffusionSR):
             return batch
         gt, lq = batch["gt"], batch["lq"]
         # The ControlNet condition: the LR bicubic-upsampled to the GT size, [0, 1] (§1.5 `sr_bicubic`).
-        lr_up = F.interpolate(lq.float(), size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        lr_up = upsampled_lr(lq, gt)
         extra: dict[str, Any] = {"lr_up": lr_up, "ram_tokens": self.ram_tokens(lr_up)}
         if not batch.get("prompt"):
             extra["prompt"] = self.tags(gt if self.hparams.tags_from == "gt" else lr_up)

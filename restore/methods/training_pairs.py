@@ -12,9 +12,10 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["add_synthesised_pairs", "degrade_on_device"]
+__all__ = ["add_synthesised_pairs", "degrade_on_device", "upsampled_lr"]
 
 
 def degrade_on_device(
@@ -42,3 +43,9 @@ def add_synthesised_pairs(module: L.LightningModule, batch: dict[str, Any]) -> d
         lq, gt = degrade_on_device(module.degradation, hq, module.generator.get(module, hq.device))
         batch = {**batch, "lq": lq, "gt": gt}
     return batch
+
+
+def upsampled_lr(lq: Tensor, gt: Tensor) -> Tensor:
+    """The ControlNet condition of SeeSR / XPSR training: ``lq`` bicubic-upsampled to ``gt``'s size, clamped to
+    [0, 1], float32 (spec ``seesr_xpsr.md`` §1.5 ``sr_bicubic``, §2.5 ``LR/`` stored at 512²)."""
+    return F.interpolate(lq.float(), size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)

@@ -36,11 +36,11 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from restore.methods.checkpoints import load_controlnet_release
 from restore.methods.latent_diffusion import LatentDiffusionSR, plain_dict
+from restore.methods.training_pairs import upsampled_lr
 from restore.models.priors import FrozenPrior
 from restore.models.xpsr import (
     DFC_MODES,
@@ -187,7 +187,7 @@ class XPSR(LatentDiffusionSR):
         gt, lq = batch["gt"], batch["lq"]
         n = len(gt)
         # the ControlNet condition: the LR bicubic-upsampled to the GT size, [0, 1] (§2.5, stored LR/ at 512²)
-        lr_up = F.interpolate(lq.float(), size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        lr_up = upsampled_lr(lq, gt)
         high = batch.get(HIGH_FIELD)
         low = batch.get(LOW_FIELD)
         needed = {"high_only": [HIGH_FIELD], "low_only": [LOW_FIELD]}.get(

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from restore.models.priors import hub_cache_fix, loading_mode
+
 __all__ = [
     "HIGHLEVEL_INSTRUCTION_OFFICIAL",
     "HIGHLEVEL_INSTRUCTION_PAPER",
@@ -73,16 +75,11 @@ class CaptionerNotFoundError(FileNotFoundError):
 
 def _missing_message(source: str, offline: bool, err: BaseException) -> str:
     layout = "\n".join(f"  {source}/{files}" for files in _EXPECTED_FILES)
-    hf_home = os.environ.get("HF_HOME", "<unset: ~/.cache/huggingface>")
-    where = "offline (HF_HUB_OFFLINE / local_files_only)" if offline else "online"
     return (
-        f"cannot load the captioner {source!r} ({where}): {type(err).__name__}: {err}\n"
+        f"cannot load the captioner {source!r} ({loading_mode(offline)}): {type(err).__name__}: {err}\n"
         f"Expected either a local folder in the Hugging Face LLaVA layout (LlavaForConditionalGeneration + "
-        f"LlavaProcessor, as llava-hf/llava-1.5-7b-hf):\n{layout}\n"
-        f"or the hub repo {source!r} already in the Hugging Face cache under HF_HOME={hf_home}. "
-        f"Fix: on a login node with internet run `huggingface-cli download {source}` (same HF_HOME) and copy "
-        "the cache, or pass the local folder path instead of the hub id. Checkpoints in the original LLaVA "
-        "repository format (LlavaLlamaForCausalLM with mm_projector weights, e.g. "
+        f"LlavaProcessor, as llava-hf/llava-1.5-7b-hf):\n{layout}\n{hub_cache_fix(source)} Checkpoints in the "
+        "original LLaVA repository format (LlavaLlamaForCausalLM with mm_projector weights, e.g. "
         "teowu/llava_v1.5_7b_qinstruct_preview_v0.1) must first be converted to this layout."
     )
 

@@ -177,11 +177,22 @@ def _missing_message(
     source: str, part: str, folders: Mapping[str, str], offline: bool, err: BaseException
 ) -> str:
     layout = "\n".join(f"  {source}/{folders[p]}/  ({files})" for p, files in _EXPECTED_FILES.items())
-    hf_home = os.environ.get("HF_HOME", "<unset: ~/.cache/huggingface>")
-    where = "offline (HF_HUB_OFFLINE / local_files_only)" if offline else "online"
     return (
-        f"cannot load the prior's {part!r} from {source!r} ({where}): {type(err).__name__}: {err}\n"
-        f"Expected either a local folder in the diffusers layout:\n{layout}\n"
+        f"cannot load the prior's {part!r} from {source!r} ({loading_mode(offline)}): {type(err).__name__}: "
+        f"{err}\nExpected either a local folder in the diffusers layout:\n{layout}\n{hub_cache_fix(source)}"
+    )
+
+
+def loading_mode(offline: bool) -> str:
+    """How a Hugging Face load was attempted, for error messages."""
+    return "offline (HF_HUB_OFFLINE / local_files_only)" if offline else "online"
+
+
+def hub_cache_fix(source: str) -> str:
+    """The fix for a model missing from the Hugging Face cache (priors, captioners): names HF_HOME and the
+    download command."""
+    hf_home = os.environ.get("HF_HOME", "<unset: ~/.cache/huggingface>")
+    return (
         f"or the hub repo {source!r} already in the Hugging Face cache under HF_HOME={hf_home}. "
         f"Fix: on a machine with internet run `huggingface-cli download {source}` (same HF_HOME) and copy the "
         "cache, or pass the local folder path instead of the hub id."
