@@ -1,10 +1,10 @@
 """Throughput of the Real-ESRGAN degradation: `restore` vs BasicSR's reference, measured in one run.
 
-Both sides synthesise x4 LR from the same HR batches (512², batch 8 by default) with the x4plus options.
-The BasicSR side is the reference pipeline end to end: Real-ESRGAN's dataset-side numpy kernel synthesis
-per sample plus its model-side ``feed_data`` ops (USM, filter2D, DiffJPEG, noise), see
-tests/reference/basicsr_ref.py. Each side also prints the output-distribution fingerprint of spec §A.8:
-quantiles of PSNR(LR, area-downsampled GT) over all timed samples (320 with the defaults).
+Both sides synthesise x4 LR from the same HR batches (512², batch 8 by default) with the x4plus options. The
+BasicSR side is the reference pipeline end to end: Real-ESRGAN's dataset-side numpy kernel synthesis per
+sample plus its model-side ``feed_data`` ops (USM, filter2D, DiffJPEG, noise), see
+tests/reference/basicsr_ref.py. Each side also prints an output-distribution fingerprint: quantiles of
+PSNR(LR, area-downsampled GT) over all timed samples (320 with the defaults).
 
     python benchmarks/degradation.py                      # CPU, 40 batches each (about 6 minutes here)
     python benchmarks/degradation.py --device cuda        # GPU figure, when one is available
@@ -43,7 +43,8 @@ from restore.data.hr_datasets import EMBEDDED_PHOTO_NAMES, load_embedded_photo  
 from restore.data.image_io import read_image  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "testdata"
-#: The 8 real HR images of spec §A.8 (when ../shared is present), so the fingerprints are comparable.
+#: 8 real HR images read from ../shared/testdata when present (5 pyiqa reference images, Set5 baby, Set14
+#: baboon, BSRGAN Lincoln): the inputs of the BasicSR figures in BENCHMARKS.md, so fingerprints compare.
 SPEC_IMAGES = [
     *(SHARED / "pyiqa_calibration" / "ref_dir" / f"I{i}.bmp" for i in ("03", "04", "06", "08", "19")),
     SHARED / "paired" / "set5_x4" / "HR" / "baby.png",

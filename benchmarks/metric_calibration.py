@@ -6,12 +6,12 @@ not part of this repository; see its README). Every weight-free metric the suite
 value under pyiqa's own test tolerance (``allclose(atol=1e-2, rtol=1e-2)``, NIQE ``rtol=6e-2``):
 
 * ``psnr``, ``ssim``, ``ms_ssim``, ``niqe`` with pyiqa's defaults (raw pyiqa names, as the table was made);
-  NIQE with the pristine model rebuilt from basicsr's bundled npz (``fetch --from-basicsr``, spec B.3);
+  NIQE with the pristine model rebuilt from basicsr's bundled npz (``fetch --from-basicsr``);
 * the paper settings of the catalog (PSNR/SSIM on Y of BT.601 YCbCr), which have no official row: PSNR-Y
   is checked against PSNR-Y(YIQ) with the MSE scaled by (219/255)^2 (+20*log10(255/219) dB, less where
   pyiqa's 1e-8 MSE eps matters, i.e. above ~50 dB), and both against BasicSR's calculate_psnr /
   calculate_ssim (test_y_channel=True) when basicsr is installed (1e-3 dB once pyiqa's eps is applied to
-  BasicSR's eps-free value; SSIM 2e-3, the documented rounding difference, spec B.2).
+  BasicSR's eps-free value; SSIM 2e-3: pyiqa rounds Y to integers, BasicSR's calculate_ssim does not).
 
 Nothing is written outside a temporary TORCH_HOME. Exit status 1 when any check fails.
 

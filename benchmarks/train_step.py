@@ -1,10 +1,10 @@
 """One SeeSR training step: samples/s, peak memory and MFU of ``restore``'s module vs a plain PyTorch loop.
 
-The baseline is the step as ``train_seesr.py`` writes it (spec ``../shared/specs/seesr_xpsr.md`` §1.5), with
-the same networks: VAE-encode the GT, encode the prompt, noise, ControlNet on the bicubic LR with the RAM
-tokens, UNet with the residuals, epsilon MSE, backward, AdamW step. ``restore`` runs
-:meth:`SeeSR.training_step` (prompt dropout, generator draws, NaN guard, logging hooks) on the same batch.
-Both run with and without gradient checkpointing; the ratio restore/plain shows the framework's overhead.
+The baseline is the step as cswry/SeeSR's ``train_seesr.py`` writes it, with the same networks: VAE-encode the
+GT, encode the prompt, noise, ControlNet on the bicubic LR with the RAM tokens, UNet with the residuals,
+epsilon MSE, backward, AdamW step. ``restore`` runs :meth:`SeeSR.training_step` (prompt dropout, generator
+draws, NaN guard, logging hooks) on the same batch. Both run with and without gradient checkpointing; the
+ratio restore/plain shows the framework's overhead.
 
     python benchmarks/train_step.py                          # CPU: tiny prior + tiny DAPE at 128 px
     python benchmarks/train_step.py --size full --resolution 512 --batch 2 --precision bf16   # GPU, SD-2-base

@@ -15,9 +15,10 @@ random one (CPU, no download). ``--input-embedded`` prompts the photos bundled w
 ``skimage/<name>.png``).
 
 Resumable: images whose record already holds every requested field are skipped, progress is appended after
-every batch, and the file is compacted (one record per image) at the start and at the end. A second run with
-a new --field fills only that field; --overwrite-field NAME recomputes NAME for every image. Unreadable images
-are skipped with the reason and listed at the end. Examples (XPSR, ../shared/specs/seesr_xpsr.md §2.4)::
+every batch, and the file is compacted (one record per image) at the start and at the end. A second run with a
+new --field fills only that field; --overwrite-field NAME recomputes NAME for every image. Unreadable images
+are skipped with the reason and listed at the end. Examples (XPSR's two texts per image, for the LR and the HR
+images, as qyp2000/XPSR ``utils_data/{high,low}level_prompt_train.py`` write them)::
 
     python scripts/extract_prompts.py --input trainset/LR --out trainset/prompts.jsonl \\
         --field highlevel=llava15_7b --field lowlevel=qinstruct --device cuda

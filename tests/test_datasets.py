@@ -133,7 +133,7 @@ def test_image_folder_hr_prompts(photo_root, tmp_path):
 
 
 def _xpsr_side_file(path, keys):
-    """Two prompts per image (XPSR, spec §2.4): a caption and a quality description."""
+    """Two prompts per image (XPSR): a caption and a quality description."""
     path.write_text(
         "".join(
             json.dumps({"path": k, "highlevel": f"caption {k}", "lowlevel": f"quality {k}"}) + "\n"

@@ -1,4 +1,5 @@
-"""The sampled degradation parameters follow the reference distribution (spec §A.2–A.4, A.7).
+"""The sampled degradation parameters follow the reference distribution (Real-ESRGAN's dataset-side kernel
+draws and ``feed_data`` draws, x4plus and StableSR options).
 
 Statistical tests with fixed seeds (deterministic, so never flaky) and enough samples that a wrong range,
 probability or granularity fails: KS tests against the stated uniforms, chi-square / binomial tests on

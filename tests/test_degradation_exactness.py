@@ -1,6 +1,7 @@
 """Each degradation op equals BasicSR 1.4.2's implementation given the same kernel / parameters / RNG state.
 
-Spec: ../shared/specs/degradation_metrics.md §A. BasicSR is imported here only, as the reference.
+Reference: XPixelGroup/BasicSR's ops in xinntao/Real-ESRGAN's ``feed_data`` order (docs/references.md).
+BasicSR is imported here only, as the reference.
 """
 
 from __future__ import annotations

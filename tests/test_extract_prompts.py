@@ -1,4 +1,4 @@
-"""MLLM captioners (XPSR §2.4) and the resumable prompt side-file extraction (scripts/extract_prompts.py).
+"""MLLM captioners (XPSR's high- and low-level prompts) and the resumable prompt side-file extraction (scripts/extract_prompts.py).
 
 Everything runs offline on a CPU: the captioner is ``tiny_llava`` (the real LLaVA classes, random weights) and
 the tagger the tiny DAPE.
@@ -42,7 +42,7 @@ from restore.models.captioners import (
 from restore.models.dape import load_dape
 from restore.weights.manifest import MissingWeightsError
 
-# The official high-level prompt, verbatim (../shared/specs/seesr_xpsr.md §2.4).
+# The official high-level prompt, verbatim (qyp2000/XPSR utils_data/highlevel_prompt_{train,test}.py).
 OFFICIAL_HIGHLEVEL_PROMPT = (
     "<image>\nUSER: Please provide a descriptive summary of the content of this image. \nASSISTANT:"
 )
@@ -144,7 +144,7 @@ def test_prompt_string_and_answer_extraction(high: MLLMCaptioner) -> None:
     spy = ProcessorSpy(high.processor)
     captioner = MLLMCaptioner(high.model, spy, HIGHLEVEL_INSTRUCTION_OFFICIAL, max_new_tokens=4)
     captioner.caption(_images())
-    assert spy.texts == [[OFFICIAL_HIGHLEVEL_PROMPT] * 2]  # the spec's string, once per image
+    assert spy.texts == [[OFFICIAL_HIGHLEVEL_PROMPT] * 2]  # the official string, once per image
     assert HIGHLEVEL_INSTRUCTION_OFFICIAL == HIGHLEVEL_INSTRUCTION_PAPER + "."
     low = captioner.with_instruction(LOWLEVEL_INSTRUCTION_OFFICIAL)
     assert low.model is high.model  # shares the weights

@@ -81,7 +81,7 @@ def _y_ycbcr(images: torch.Tensor) -> np.ndarray:
 
 
 def _psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    # pyiqa's convention (spec B.1): data range 1, mean over all but the batch axis, mse + 1e-8
+    # pyiqa's convention (pyiqa/archs/psnr_arch.py): data range 1, mean over all but the batch axis, mse + 1e-8
     mse = ((x - y) ** 2).reshape(len(x), -1).mean(axis=1)
     return 10 * np.log10(1.0 / (mse + 1e-8))
 
@@ -182,9 +182,9 @@ def test_psnr_ssim_agree_with_basicsr(pairs):
     b_psnr = np.array([calculate_psnr(bgr(d), bgr(r), 0, test_y_channel=True) for d, r in zip(dist, ref)])
     b_ssim = np.array([calculate_ssim(bgr(d), bgr(r), 0, test_y_channel=True) for d, r in zip(dist, ref)])
     # Same Y and formula once pyiqa's +1e-8 on the MSE is applied to BasicSR's eps-free value (that eps is
-    # what separates them above ~50 dB, spec B.2); what is left is float32 vs float64 arithmetic.
+    # what separates them above ~50 dB); what is left is float32 vs float64 arithmetic.
     np.testing.assert_allclose(scores["psnr"].numpy(), -10 * np.log10(10 ** (-b_psnr / 10) + 1e-8), atol=5e-5)
-    # BasicSR's SSIM uses the unrounded Y and cv2's Gaussian: documented small difference (spec B.2, <= 2e-3).
+    # BasicSR's SSIM uses the unrounded Y and cv2's Gaussian: known small difference (<= 2e-3).
     diff = np.abs(scores["ssim"].numpy() - b_ssim)
     assert diff.max() < 2e-3 and diff.max() > 1e-5
 

@@ -2,7 +2,9 @@
 
 Prediction (not ``test``) is the multi-GPU-safe way to run a benchmark: Lightning's predict sampler does not
 pad or repeat samples, so with this writer every image is written exactly once, by the rank that restored it
-(see ../shared/specs/ecosystem_and_style.md, finding 0.5).
+(Lightning-AI/pytorch-lightning: ``src/lightning/pytorch/trainer/connectors/data_connector.py``,
+``_get_distributed_sampler``: predict uses ``UnrepeatedDistributedSamplerWrapper``, validate/test a padding
+``DistributedSampler``).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ class ImageFolderHR(Dataset):
         prompts: optional JSONL prompt side-file (see :mod:`restore.data.prompts`); checked up front.
         prompt_key: field of the side-file put in ``item["prompt"]`` (``"prompt"``, ``"tags"``...), or a
             mapping ``{item_field: side_file_field}`` for several prompts per image, e.g. XPSR's
-            ``{prompt: highlevel, lowlevel_prompt: lowlevel}`` (``../shared/specs/seesr_xpsr.md`` §2.4).
+            ``{prompt: highlevel, lowlevel_prompt: lowlevel}`` (a content caption and a quality text per
+            image, as qyp2000/XPSR ``dataloader/localdataset.py`` reads them).
         prompt_missing: ``"error"`` or ``"empty"`` for images without an entry.
     """
 

@@ -113,7 +113,8 @@ def prompt_field_map(prompt_key: str | Mapping[str, str]) -> dict[str, str]:
 
     A string ``k`` is the one-prompt form, ``{"prompt": k}`` (``prompt_key="tags"`` puts the tags in
     ``item["prompt"]``). A mapping (a dict, or the DictConfig Hydra passes) names several fields, e.g. XPSR's
-    ``{prompt: highlevel, lowlevel_prompt: lowlevel}`` (``../shared/specs/seesr_xpsr.md`` §2.4).
+    ``{prompt: highlevel, lowlevel_prompt: lowlevel}`` (a content caption and a quality text per image, as
+    qyp2000/XPSR ``dataloader/localdataset.py`` reads them).
     """
     if isinstance(prompt_key, str):
         prompt_key = {"prompt": prompt_key}

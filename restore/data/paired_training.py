@@ -1,8 +1,8 @@
 """Training pairs read from disk (pre-degraded offline), cropped at the same place on LR and GT.
 
 The official SeeSR and XPSR recipes degrade their training set once, offline, and train on the stored
-pairs (``../shared/specs/seesr_xpsr.md`` §1.6 SeeSR ``make_paired_data.py``: ``gt/`` 512², ``lr/`` 128²,
-``sr_bicubic/`` 512²; §2.5 XPSR ``make_train.py``: ``HR/`` 512² and ``LR/`` bicubic-upsampled to 512²),
+pairs (cswry/SeeSR ``utils_data/make_paired_data.py``: ``gt/`` 512², ``lr/`` 128², ``sr_bicubic/`` 512²;
+qyp2000/XPSR ``utils_data/make_train.py``: ``HR/`` 512² and ``LR/`` bicubic-upsampled to 512²),
 instead of degrading HR crops on the fly (:mod:`restore.data.hr_datasets` +
 ``restore.methods.training_pairs``).
 :class:`PairedTrainingFolder` reads such a folder pair. Its batches hold both ``lq`` and ``gt``, which
@@ -11,7 +11,8 @@ instead of degrading HR crops on the fly (:mod:`restore.data.hr_datasets` +
 Items: ``{"gt": (3, crop, crop), "lq": (3, crop / scale, crop / scale), "key": str}`` in [0, 1], plus
 one string per prompt field when a side-file is configured (:class:`restore.data.paired.PromptFields`).
 ``key`` is the LR path relative to ``lq_dir`` (as in :class:`restore.data.paired.PairedImageFolder`):
-the ID that prompt side-files use, since XPSR captions the LR images (§2.4).
+the ID that prompt side-files use, since XPSR captions the LR images (qyp2000/XPSR
+``utils_data/highlevel_prompt_train.py``).
 """
 
 from __future__ import annotations
@@ -78,14 +79,14 @@ class PairedTrainingFolder(Dataset):
             without text. Checked up front.
         lr_suffix, gt_suffix: stem suffixes removed before matching (as in
             :class:`~restore.data.paired.PairedImageFolder`).
-        original_image_prob: XPSR's ``original_image_ratio`` (official 0.1, §2.5; 0 here, the XPSR config
-            sets it). With this probability an item's ``lq`` is the GT crop itself, downscaled by ``scale``
-            (:func:`downscale_like_lq`), and its prompt fields are the HR's (``original_prompt_key``). The
-            official stores 512² LR-upsampled inputs and feeds the 512² HR in their place, so the ControlNet
-            learns that a clean input with a "clean" quality text must stay clean. Here ``lq`` keeps its
-            LR size (a batch must stack), so the method's bicubic x``scale`` upsampling gives back a
-            slightly blurred HR for ``scale > 1`` and exactly the HR for ``scale == 1`` (512² LR folders,
-            the official layout).
+        original_image_prob: XPSR's ``original_image_ratio`` (0.1 in XPSR's ``train.py``; 0 here, the XPSR
+            config sets it). With this probability an item's ``lq`` is the GT crop itself, downscaled by
+            ``scale`` (:func:`downscale_like_lq`), and its prompt fields are the HR's
+            (``original_prompt_key``). The official stores 512² LR-upsampled inputs and feeds the 512² HR in
+            their place, so the ControlNet learns that a clean input with a "clean" quality text must stay
+            clean. Here ``lq`` keeps its LR size (a batch must stack), so the method's bicubic x``scale``
+            upsampling gives back a slightly blurred HR for ``scale > 1`` and exactly the HR for
+            ``scale == 1`` (512² LR folders, the official layout).
         original_prompt_key: for those items, ``{item_field: side_file_field}`` read instead (e.g.
             ``{lowlevel_prompt: lowlevel_gt}``: the official switches only the low-level text,
             ``lowlevel_prompt_q_GT``); item fields not listed keep the LR text. ``None``: every item field

@@ -1,7 +1,8 @@
 """Pre-compute text prompts for a folder of images into one JSONL side-file: MLLM captions and DAPE tags.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §2.4 (XPSR's high-level LLaVA caption and low-level quality text,
-pre-computed once per image, newlines -> spaces) and §1.4 / §1.7 (SeeSR's DAPE tags, joined with ``", "``).
+Sources: XPSR's high-level LLaVA caption and low-level quality text, pre-computed once per image, newlines
+-> spaces (qyp2000/XPSR ``utils_data/{high,low}level_prompt_{train,test}.py``), and SeeSR's DAPE tags, joined
+with ``", "`` (cswry/SeeSR ``ram/models/ram_lora.py``, ``generate_tag``).
 The official scripts write one ``.txt`` per image and per prompt kind; here every kind is one field of one
 record per image in the side-file that :class:`restore.data.prompts.PromptTable` reads::
 
@@ -191,7 +192,8 @@ def compact_side_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- sources
 def dape_tagger(dape: torch.nn.Module) -> PromptSource:
     """SeeSR's tag prompt from a (frozen) DAPE / RAM: ``generate_tags(image_embeds(preprocess(x)))``, one
-    ``"a, b, c"`` string per image (spec §1.7; as :meth:`restore.methods.seesr.SeeSR.tags`).
+    ``"a, b, c"`` string per image (as SeeSR's ``test_seesr.py`` and
+    :meth:`restore.methods.seesr.SeeSR.tags`).
 
     Images of different sizes are preprocessed one by one (the DAPE resizes each to its square input) and then
     tagged as one batch, on the DAPE's device, in float32.

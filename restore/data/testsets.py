@@ -376,7 +376,7 @@ def degrade_crops(
 
     Each crop is degraded by its own call with its own ``torch.Generator`` (seeded by its plan): batching
     several crops into one call would share the per-batch draws of the Real-ESRGAN pipeline (resize
-    scale and mode, noise family, second blur, final order; spec §A.4) between them, making a crop depend
+    scale and mode, noise family, second blur, final order) between them, making a crop depend
     on its batch-mates, and correlating test images. ``batch_size`` only groups the deterministic part:
     the GT unsharp masking (USM), the pipeline's most expensive step, runs batched and is bit-identical
     per image whatever the batch (checked by the tests).

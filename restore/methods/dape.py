@@ -1,6 +1,7 @@
 """SeeSR stage 1: train DAPE, the LoRA of a RAM student that mimics the frozen RAM teacher on HR images.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.4 (``basicsr/models/dape_model.py``, ``basicsr/options/dape.yaml``):
+Reference: SeeSR (Wu et al., CVPR 2024); official cswry/SeeSR ``basicsr/models/dape_model.py``,
+``basicsr/options/dape.yaml``:
 
 - teacher = the original RAM, frozen, in eval mode, on the **HR** image; student = the same RAM with LoRA
   (:func:`restore.models.dape.add_dape_lora`), in train mode (dropout / stochastic depth on, as the official
@@ -58,7 +59,7 @@ class DAPECheckpointMismatchError(RuntimeError):
 
 
 class DAPETraining(L.LightningModule):
-    """DAPE training (spec §1.4): LoRA RAM student on degraded LR vs frozen RAM teacher on HR.
+    """DAPE training (SeeSR's ``dape_model.py``): LoRA RAM student on degraded LR vs frozen RAM teacher on HR.
 
     Args:
         ram: the teacher RAM with its pretrained weights (e.g. ``build_ram("swin_l_384", checkpoint=...)``)

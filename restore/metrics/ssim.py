@@ -5,10 +5,11 @@ pyiqa's ``ssim`` (registry names ``ssim``/``ssimc``) filters five maps (μx, μy
 costs more than LPIPS, NIQE and PSNR together. The window is separable (``fspecial`` = outer product of two
 normalised 1-D Gaussians), so 11 + 11 taps give the same filter as 121. Everything else is pyiqa's: its
 ``preprocess_rgb`` (Y of the chosen colour space, ×255, rounded to integers), the constants, the 'valid'
-extent, the clamp of the contrast-structure term at 0 and the spatial mean (spec: ../shared/specs/
-degradation_metrics.md §B.1). The one difference is pyiqa storing its 2-D window in float32: scores agree
-with ``pyiqa.create_metric('ssim', ...)`` to ~1e-9 (tests/test_metric_ssim.py), far below the 4 printed
-decimals. Select pyiqa's own code with ``implementation: pyiqa`` in the metric catalog.
+extent, the clamp of the contrast-structure term at 0 and the spatial mean (chaofengc/IQA-PyTorch
+``pyiqa/archs/ssim_arch.py``; SSIM: Wang et al., IEEE TIP 2004). The one difference is pyiqa storing its 2-D
+window in float32: scores agree with ``pyiqa.create_metric('ssim', ...)`` to ~1e-9
+(tests/test_metric_ssim.py), far below the 4 printed decimals. Select pyiqa's own code with
+``implementation: pyiqa`` in the metric catalog.
 """
 
 from __future__ import annotations

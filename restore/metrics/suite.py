@@ -41,7 +41,8 @@ _RESTORE_IMPLEMENTATIONS = {
     "ssimc": "restore.metrics.ssim.SeparableSSIM",
 }
 
-#: What each pyiqa implementation does that a reader of a results table needs to know (spec B.1-B.3).
+#: What each pyiqa implementation does that a reader of a results table needs to know (read in pyiqa 0.1.16:
+#: ``pyiqa/archs/*_arch.py`` and ``pyiqa/default_model_configs.py``; docs/references.md).
 _NOTES = {
     "psnr": "float PSNR, data_range 1, MSE over C,H,W (+1e-8); Y options: yiq (pyiqa default) or ycbcr (BT.601 16-235)",
     "ssim": "Y x255 rounded to integers, float64, Gaussian 11/1.5, 'valid', cs clamped >= 0, no downsampling",

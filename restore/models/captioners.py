@@ -1,7 +1,8 @@
 """Multimodal LLM captioners: XPSR's high-level (content) and low-level (quality) text prompts.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §2.4. XPSR pre-computes two texts per image with MLLMs and stores
-them as plain text beside the data set:
+Reference: XPSR (Qu et al., ECCV 2024) and its scripts qyp2000/XPSR
+``utils_data/{high,low}level_prompt_{train,test}.py`` (docs/references.md). XPSR pre-computes two texts per
+image with MLLMs and stores them as plain text beside the data set:
 
 - high-level: ``llava-hf/llava-1.5-7b-hf`` (fp16, ``LlavaForConditionalGeneration`` + ``AutoProcessor``),
   prompt ``"<image>\\nUSER: Please provide a descriptive summary of the content of this image.
@@ -9,7 +10,7 @@ them as plain text beside the data set:
   generation config), ``max_length=200``; the text after ``"ASSISTANT:"`` is kept, newlines become spaces;
 - low-level: Q-Instruct ``internlm-xcomposer-vl-7b-qinstruct-full`` (``trust_remote_code``), query
   ``"Describe and evaluate the quality of the image."``. That model does not run with current dependencies
-  (spec §4 item 10, qyp2000/XPSR#8), so here the low-level captioner is any LLaVA-1.5-class checkpoint in the
+  (quyp2000/XPSR#8), so here the low-level captioner is any LLaVA-1.5-class checkpoint in the
   Hugging Face layout asked the Q-Instruct query (``configs/model/captioner/qinstruct.yaml``).
 
 :class:`MLLMCaptioner` is one model + processor + one instruction; :func:`tiny_llava` builds the same classes
@@ -42,22 +43,25 @@ __all__ = [
     "tiny_llava",
 ]
 
-#: The high-level instruction as the XPSR paper words it (spec §2.4).
+#: The high-level instruction as the XPSR paper (Qu et al., ECCV 2024) words it.
 HIGHLEVEL_INSTRUCTION_PAPER = "Please provide a descriptive summary of the content of this image"
-#: The same as the official script sends it, with a final "." (``highlevel_prompt_{train,test}.py``, §2.4).
+#: The same as the official script sends it, with a final "."
+#: (XPSR ``utils_data/highlevel_prompt_{train,test}.py``).
 HIGHLEVEL_INSTRUCTION_OFFICIAL = HIGHLEVEL_INSTRUCTION_PAPER + "."
-#: The low-level instruction as the XPSR paper words it (spec §2.4).
+#: The low-level instruction as the XPSR paper words it.
 LOWLEVEL_INSTRUCTION_PAPER = (
     "Please describe the quality of this image and evaluate it based on factors such as clarity, color, "
     "noise, and lighting"
 )
-#: The Q-Instruct query of the official ``lowlevel_prompt_{train,test}.py`` (spec §2.4).
+#: The Q-Instruct query of the official ``utils_data/lowlevel_prompt_{train,test}.py``.
 LOWLEVEL_INSTRUCTION_OFFICIAL = "Describe and evaluate the quality of the image."
-#: LLaVA-1.5's single-turn prompt as XPSR writes it (spec §2.4); with the official instruction it is exactly
+#: LLaVA-1.5's single-turn prompt as XPSR writes it (``highlevel_prompt_{train,test}.py``); with the official
+#: instruction it is exactly
 #: ``"<image>\nUSER: Please provide a descriptive summary of the content of this image. \nASSISTANT:"``.
 LLAVA15_PROMPT_TEMPLATE = "<image>\nUSER: {instruction} \nASSISTANT:"
-#: The official ``generate(max_length=200)`` (spec §2.4). With transformers 4.36 the prompt held one
-#: ``<image>`` token: the budget for new tokens was 200 minus the prompt's length, ``<image>`` counted once.
+#: The official ``generate(max_length=200)`` (``highlevel_prompt_{train,test}.py``). With transformers 4.36
+#: the prompt held one ``<image>`` token: the budget for new tokens was 200 minus the prompt's length,
+#: ``<image>`` counted once.
 OFFICIAL_MAX_LENGTH = 200
 
 # What a LLaVA checkpoint folder in the Hugging Face layout holds, for the error message of a missing model.
@@ -114,9 +118,9 @@ class MLLMCaptioner(nn.Module):
 
     ``prompt_template`` holds ``{instruction}``; the default is LLaVA-1.5's (:data:`LLAVA15_PROMPT_TEMPLATE`).
     Its last line (``"ASSISTANT:"``) marks where the answer starts: the official script keeps the decoded text
-    after the last occurrence of it (spec §2.4), which is what :meth:`caption` returns, newlines replaced by
-    spaces and stripped. ``max_new_tokens=None`` is the official budget: :data:`OFFICIAL_MAX_LENGTH` tokens in
-    all, prompt included with ``<image>`` counted once.
+    after the last occurrence of it (``highlevel_prompt_{train,test}.py``), which is what :meth:`caption`
+    returns, newlines replaced by spaces and stripped. ``max_new_tokens=None`` is the official budget:
+    :data:`OFFICIAL_MAX_LENGTH` tokens in all, prompt included with ``<image>`` counted once.
 
     The model is a submodule (it follows ``.to()``); the processor holds no tensors and is a plain attribute.
     """

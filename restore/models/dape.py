@@ -1,7 +1,9 @@
 """DAPE (degradation-aware prompt extractor): RAM with SeeSR's LoRA, and the DAPE weight files.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.4. The official code swaps modules for loralib ones (``r=8``,
-``lora_alpha=1`` so the update is scaled by 1/8, ``lora_B`` zero-initialised, ``lora_A`` Kaiming-uniform):
+Reference: SeeSR (Wu et al., CVPR 2024); official cswry/SeeSR ``ram/models/ram_lora.py``,
+``ram/models/swin_transformer_lora.py``, ``ram/models/bert_lora.py`` with microsoft/LoRA's ``loralib`` (LoRA:
+Hu et al., ICLR 2022). The official code swaps modules for loralib ones (``r=8``, ``lora_alpha=1`` so the
+update is scaled by 1/8, ``lora_B`` zero-initialised, ``lora_A`` Kaiming-uniform):
 
 - every Swin window-attention ``qkv`` becomes ``MergedLinear(dim, 3 dim, enable_lora=[True, False, True])``:
   LoRA on the query and value thirds only. Here :class:`QVLoRALinear`, the same maths and the same tensors
@@ -64,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Official LoRA settings (spec §1.4: loralib ``r=8``, ``lora_alpha`` default 1).
+#: Official LoRA settings (SeeSR's LoRA modules: loralib ``r=8``, ``lora_alpha`` left at its default 1).
 LORA_RANK = 8
 LORA_ALPHA = 1.0
 #: The released file and where it is published (cswry/SeeSR README: Google Drive / OneDrive folders; no
@@ -177,7 +179,7 @@ def has_dape_lora(ram: RAM) -> bool:
 
 
 def add_dape_lora(ram: RAM, rank: int = LORA_RANK, alpha: float = LORA_ALPHA) -> RAM:
-    """Put SeeSR's LoRA on ``ram`` in place and make only the LoRA parameters trainable (spec §1.4).
+    """Put SeeSR's LoRA on ``ram`` in place and make only the LoRA parameters trainable.
 
     Swin ``qkv`` -> :class:`QVLoRALinear`; tagging-head cross-attention ``query`` / ``key`` -> peft LoRA
     (``r=rank``, ``lora_alpha=alpha``, no dropout, no bias). Official: ``rank=8``, ``alpha=1``. Call it after

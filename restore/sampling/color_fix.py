@@ -1,8 +1,9 @@
 """Colour correction of a diffusion output against a reference image (AdaIN and wavelet).
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("Color fix") and ``dreamclear_supir_stablesr.md`` §3.8.
-The same two functions serve every method; only the reference differs: SeeSR/XPSR/StableSR use the
-bicubic-upscaled LR, DreamClear the SwinIR output, SUPIR the stage-1 decode.
+Official code: cswry/SeeSR ``utils/wavelet_color_fix.py``, the same file as IceClear/StableSR
+``scripts/wavelet_color_fix.py`` (copied by XPSR, DreamClear and SUPIR; docs/references.md). The same two
+functions serve every method; only the reference differs: SeeSR/XPSR/StableSR use the bicubic-upscaled LR,
+DreamClear the SwinIR output, SUPIR the stage-1 decode.
 
 - AdaIN: each channel of ``image`` is shifted/scaled so that its spatial mean and std equal the reference's.
   The std is ``sqrt(unbiased variance + eps)`` for both images, as in the official code.

@@ -1,8 +1,10 @@
 """Tiled VAE encode/decode for a diffusers ``AutoencoderKL``, with GroupNorm statistics shared by all tiles.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("Tiled VAE": encoder tiles <= 1024 px with 32 px padding,
-decoder tiles <= 224 latent px with 11 px padding, GroupNorm statistics estimated across all tiles, bypassed
-when the image fits one tile) and ``dreamclear_supir_stablesr.md`` §2.7 (SUPIR: 512 px / 64 latent px).
+Official code: cswry/SeeSR ``utils/vaehook.py`` with ``test_seesr.py``'s sizes (encoder tiles <= 1024 px
+with 32 px padding, decoder tiles <= 224 latent px with 11 px padding, GroupNorm statistics estimated across
+all tiles, bypassed when the image fits one tile), a port of the Tiled VAE of
+pkuliyi2015/multidiffusion-upscaler-for-automatic1111; SUPIR's copy (Fanghua-Yu/SUPIR
+``SUPIR/utils/tilevae.py``) uses 512 px / 64 latent px tiles.
 
 Splitting: each axis is cut into ``ceil(size / tile)`` equal *core* intervals (encoder cores aligned to the
 VAE's downsampling factor, 8 for SD); a tile is its core plus ``pad`` pixels of context on each side, clipped
@@ -35,11 +37,11 @@ What remains different from the untiled network (so "close", not equal):
   official pads (32 px encoder, 11 latent px decoder) are smaller than the SD VAE's receptive field.
 
 Without the attention and with ``pad`` at least the receptive field, the synchronised result equals the
-untiled one to float rounding (tested). The spec describes the official estimate only as "across all tiles"
-(a two-pass task queue); counting each tile's core once gives the whole map's statistic whenever the cores are
-exact. The official code also rounds tile sizes to multiples of 32; here cores align to the downsampling
-factor (with synced statistics the split hardly matters). ``sync_group_norm=False`` runs the stock
-encoder/decoder on each tile (plain tiling, per-tile statistics).
+untiled one to float rounding (tested). The official ``vaehook.py`` estimates the statistics across all tiles
+with a two-pass task queue (not reproduced step by step here); counting each tile's core once gives the whole
+map's statistic whenever the cores are exact. The official code also rounds tile sizes to multiples of 32;
+here cores align to the downsampling factor (with synced statistics the split hardly matters).
+``sync_group_norm=False`` runs the stock encoder/decoder on each tile (plain tiling, per-tile statistics).
 
 Supported: diffusers ``Encoder``/``Decoder`` with ``DownEncoderBlock2D``/``UpDecoderBlock2D`` blocks, a
 ``UNetMidBlock2D`` and ``norm_type="group"`` (SD 1.x/2.x/XL, sd-vae-ft-ema); anything else raises
@@ -320,7 +322,7 @@ def _downscale_factor(vae: nn.Module) -> int:
 
 
 def _fits(x: Tensor, tile: int, pad: int) -> bool:
-    # Spec: the official code bypasses tiling when the input is at most tile + 2 * pad on both sides.
+    # As SeeSR's utils/vaehook.py: tiling is bypassed when the input is at most tile + 2 * pad on both sides.
     return max(x.shape[-2:]) <= tile + 2 * pad
 
 

@@ -6,7 +6,8 @@ pass. A file already present is never replaced unless it fails verification and 
 without a known hash are never replaced (delete them by hand).
 
 ``niqe_modelparameters.mat`` has an offline source: basicsr ships the same NIQE pristine model as
-``basicsr/metrics/niqe_pris_params.npz`` (spec B.3). It is located with ``importlib.util.find_spec`` without
+``basicsr/metrics/niqe_pris_params.npz`` (rebuilt into the .mat it reproduces pyiqa's recorded NIQE values:
+benchmarks/metric_calibration.py). It is located with ``importlib.util.find_spec`` without
 importing basicsr (whose import needs a torchvision shim) and written with ``scipy.io.savemat`` under the keys
 pyiqa reads (``mu_prisparam``, ``cov_prisparam``) plus a ``restore_source`` provenance string.
 """

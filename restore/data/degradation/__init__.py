@@ -1,4 +1,5 @@
-"""Real-ESRGAN second-order degradation (spec: ../shared/specs/degradation_metrics.md §A).
+"""Real-ESRGAN second-order degradation (Real-ESRGAN, Wang et al., ICCVW 2021, §3; official code:
+xinntao/Real-ESRGAN + XPixelGroup/BasicSR, see docs/references.md).
 
 Public API: :class:`RealESRGANDegradation` (``deg(hq, generator) -> DegradationOutput(lq, gt)``).
 The building blocks (kernels, filtering, noise, JPEG) are importable for tests and custom pipelines.

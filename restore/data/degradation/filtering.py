@@ -1,15 +1,16 @@
 """Spatial filtering for the degradation: per-sample blur and USM sharpening.
 
-Semantics follow BasicSR's ``filter2D`` / ``USMSharp`` (spec §A.3 step 0–1, §A.6): cross-correlation
-(no kernel flip) with reflect-101 borders (torch ``reflect`` == OpenCV ``BORDER_REFLECT_101``).
+Semantics follow BasicSR's ``filter2D`` / ``USMSharp`` (XPixelGroup/BasicSR
+``basicsr/utils/img_process_util.py``): cross-correlation (no kernel flip) with reflect-101 borders (torch
+``reflect`` == OpenCV ``BORDER_REFLECT_101``).
 
-Where the time goes (spec §A.8): BasicSR's USM convolves the HR batch twice with a dense 51x51
-kernel, 87 % of its pipeline on CPU. The Gaussian is separable, so we filter rows then columns; on CPU
-OpenCV's SIMD ``sepFilter2D`` does that ~50x faster than a dense ``conv2d`` with the same values (to
-float32 rounding), on GPU two 1-D convolutions. Per-sample blur kernels are zero-padded to 21x21 by the
-reference; convolving with the non-zero support and a matching reflect pad gives the same values
-(reflection does not depend on the pad width), so a batch is blurred with kernels cropped to its largest
-support, and a batch of identity pulses is skipped.
+Where the time goes (profile in BENCHMARKS.md, "Real-ESRGAN degradation"): BasicSR's USM convolves the HR
+batch twice with a dense 51x51 kernel, most of its pipeline's time on CPU. The Gaussian is separable, so we
+filter rows then columns; on CPU OpenCV's SIMD ``sepFilter2D`` does that ~50x faster than a dense ``conv2d``
+with the same values (to float32 rounding), on GPU two 1-D convolutions. Per-sample blur kernels are
+zero-padded to 21x21 by the reference; convolving with the non-zero support and a matching reflect pad gives
+the same values (reflection does not depend on the pad width), so a batch is blurred with kernels cropped to
+its largest support, and a batch of identity pulses is skipped.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def separable_blur(img: Tensor, kernel_1d: Tensor) -> Tensor:
 
 
 class USMSharpen(torch.nn.Module):
-    """Unsharp masking of the GT (BasicSR ``USMSharp``; spec §A.3 step 0).
+    """Unsharp masking of the GT (BasicSR ``USMSharp``, applied first in Real-ESRGAN's ``feed_data``).
 
     ``blur`` = Gaussian(radius 51, σ 8) of I; ``mask`` = |I − blur|·255 > threshold; ``soft`` = same
     blur of the mask; ``out = soft·clip(I + weight·(I − blur), 0, 1) + (1 − soft)·I``.

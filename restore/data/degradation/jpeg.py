@@ -1,4 +1,5 @@
-"""Batched JPEG round trip with per-sample float quality, matching BasicSR's ``DiffJPEG`` (spec §A.6).
+"""Batched JPEG round trip with per-sample float quality, matching BasicSR's ``DiffJPEG``
+(XPixelGroup/BasicSR ``basicsr/utils/diffjpeg.py``).
 
 Pipeline: RGB·255 → YCbCr (JFIF, +128 chroma) → 4:2:0 by 2x2 averaging → 8x8 DCT-II → divide by the
 standard tables × quality factor → round → multiply back → inverse DCT → chroma upsampling by pixel

@@ -1,7 +1,9 @@
 """Blur-kernel synthesis for the Real-ESRGAN degradation, batched in torch.
 
-Spec: ../shared/specs/degradation_metrics.md §A.2 (BasicSR ``random_mixed_kernels`` /
-``circular_lowpass_kernel`` and Real-ESRGAN's dataset-side kernel sampling). BasicSR builds one kernel
+Reference: Real-ESRGAN (Wang et al., ICCVW 2021) §3.1 (blur) and §3.3 (sinc filters); official code
+XPixelGroup/BasicSR ``basicsr/data/degradations.py`` (``random_mixed_kernels`` / ``circular_lowpass_kernel``)
+and the dataset-side kernel sampling of xinntao/Real-ESRGAN ``realesrgan/data/realesrgan_dataset.py``
+(docs/references.md). BasicSR builds one kernel
 at a time in numpy inside each Dataset worker; here a whole batch is built at once on any device from a
 ``torch.Generator``. Kernels are computed in float64 (as numpy does) and returned as float32, zero-padded
 to ``MAX_KERNEL_SIZE`` x ``MAX_KERNEL_SIZE`` like the reference, plus each kernel's true support size so
@@ -179,7 +181,7 @@ def _categorical(n: int, probs: Sequence[float], generator, device) -> Tensor:
 def sample_blur_kernels(
     batch: int, spec: KernelSpec, generator: torch.Generator | None = None, device=None
 ) -> KernelBatch:
-    """Draw one Real-ESRGAN blur kernel per sample (spec §A.2 steps 1–4).
+    """Draw one Real-ESRGAN blur kernel per sample (as ``RealESRGANDataset.__getitem__`` does per stage).
 
     Size ~ U{7..21 odd}; with ``sinc_prob`` a circular low-pass kernel with ω ~ U(π/3, π) for sizes < 13
     else U(π/5, π); otherwise a ``random_mixed_kernels`` draw: family ~ Categorical(kernel_prob),
@@ -235,7 +237,7 @@ def sample_blur_kernels(
 def sample_final_sinc_kernels(
     batch: int, final_sinc_prob: float, generator: torch.Generator | None = None, device=None
 ) -> KernelBatch:
-    """Final sinc filter (spec §A.2 "Final sinc"): with ``final_sinc_prob`` a circular low-pass kernel of
+    """Final sinc filter (as ``RealESRGANDataset``): with ``final_sinc_prob`` a circular low-pass kernel of
     size ~ U{7..21 odd} and ω ~ U(π/3, π) (no size-dependent range), else a 21x21 unit impulse."""
     device = torch.device(device) if device is not None else (generator.device if generator else "cpu")
     apply = torch.rand(batch, generator=generator, device=device, dtype=torch.float64) < final_sinc_prob

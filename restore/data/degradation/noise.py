@@ -1,4 +1,5 @@
-"""Gaussian and Poisson (shot) noise with BasicSR's batch semantics (spec §A.3 steps 3/7, §A.6).
+"""Gaussian and Poisson (shot) noise with BasicSR's batch semantics (XPixelGroup/BasicSR
+``basicsr/data/degradations.py``, ``random_add_{gaussian,poisson}_noise_pt``).
 
 Both functions take per-sample parameters and draw the noise fields from ``generator`` (the global torch
 RNG when None) **in the same order and shapes as BasicSR**, so with equal RNG state the outputs are

@@ -1,7 +1,10 @@
 """The Real-ESRGAN second-order degradation as one batched, device-agnostic module.
 
-Spec: ../shared/specs/degradation_metrics.md §A (BasicSR ``RealESRGANDataset`` kernels +
-``RealESRGANModel.feed_data``; SeeSR's ``make_paired_data.py`` and XPSR/DreamClear use the same numbers).
+Reference: Real-ESRGAN (Wang et al., ICCVW 2021) §3.2; official code xinntao/Real-ESRGAN
+``realesrgan/data/realesrgan_dataset.py`` (kernels) + ``realesrgan/models/realesrgan_model.py``
+(``feed_data``) on BasicSR's ops. cswry/SeeSR ``utils_data/make_paired_data.py``, qyp2000/XPSR
+``utils_data/make_train.py`` and shallowdream204/DreamClear ``tools/make_paired_data.py`` use the same
+numbers (docs/references.md).
 
 Usage::
 
@@ -10,13 +13,14 @@ Usage::
     out.lq   # (B, 3, H/4, W/4), quantised to 1/255 steps
     out.gt   # USM-sharpened hq (the training target), or hq when usm_sharpen_gt is False
 
-Random draws and their granularity (spec §A.4). By default (``per_sample=False``) the draws follow the
-reference exactly: kernels, noise strengths, gray flags and JPEG qualities are per sample, while the
-resize direction/scale/mode, Gaussian-vs-Poisson choice, second-blur coin and final-stage order are drawn
-once per batch (a batch must keep one spatial size). Real-ESRGAN decorrelates batches afterwards with a
-180-pair pool. ``per_sample=True`` draws *everything* per sample and degrades the samples one by one:
-the per-image marginal distribution is unchanged, but a small batch (SeeSR/StableSR train with 2–6
-images per GPU and no pool) then no longer shares one resize scale and one noise family.
+Random draws and their granularity (as in ``realesrgan_model.py``'s ``feed_data``). By default
+(``per_sample=False``) the draws follow the reference exactly: kernels, noise strengths, gray flags and
+JPEG qualities are per sample, while the resize direction/scale/mode, Gaussian-vs-Poisson choice,
+second-blur coin and final-stage order are drawn once per batch (a batch must keep one spatial size).
+Real-ESRGAN decorrelates batches afterwards with a 180-pair pool. ``per_sample=True`` draws *everything*
+per sample and degrades the samples one by one: the per-image marginal distribution is unchanged, but a
+small batch (SeeSR/StableSR train with 2–6 images per GPU and no pool) then no longer shares one resize
+scale and one noise family.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ _DEFAULT_TYPE_PROBS = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
 @dataclass(frozen=True)
 class DegradationConfig:
     """Options in BasicSR/Real-ESRGAN names. Defaults: Real-ESRGAN x4plus
-    (``train_realesrgan_x4plus.yml``; identical in SeeSR's ``make_paired_data.py``), spec §A.2–A.3."""
+    (xinntao/Real-ESRGAN ``options/train_realesrgan_x4plus.yml``; identical in SeeSR's
+    ``utils_data/make_paired_data.py``)."""
 
     scale: int = 4
     # first degradation stage
@@ -222,7 +227,7 @@ class RealESRGANDegradation(torch.nn.Module):
     def sample_params(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> DegradationParams:
-        """Draw all per-batch and per-sample choices for a batch of ``batch`` images (spec §A.4)."""
+        """Draw all per-batch and per-sample choices for a batch of ``batch`` images."""
         device = torch.device(device) if device is not None else (generator.device if generator else "cpu")
         c = self.config
         kernel1 = sample_blur_kernels(batch, c.kernel_spec(1), generator, device)

@@ -1,4 +1,5 @@
-"""RAM (Recognize Anything) tagger: the backbone of SeeSR's DAPE (``../shared/specs/seesr_xpsr.md`` §1.4).
+"""RAM (Recognize Anything) tagger: the backbone of SeeSR's DAPE (RAM: Zhang et al., 2023; SeeSR: Wu et al.,
+CVPR 2024; official code: cswry/SeeSR ``ram/models/ram_lora.py``, see docs/references.md).
 
 :mod:`.swin` (image encoder), :mod:`.tagging_head` (label-query decoder), :mod:`.ram` (the tagger, its files
 and its checkpoint loader). LoRA and the DAPE weights live in :mod:`restore.models.dape`.

@@ -1,8 +1,10 @@
 """The Recognize Anything Model (RAM) tagger on its tagging path: image tokens, tag logits, tag strings.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.4 (RAM Swin-L 384 + tagging head, 4585 tags, per-class thresholds,
-tags joined with ", "), §1.2 / §6 (``image_proj(visual_encoder(x))`` = ``[B, 145, 512]``), §1.5 / §1.7 (input:
-bicubic resize to 384, clamp to [0, 1], ImageNet mean/std).
+Reference: RAM (Zhang et al., 2023; xinyu1205/recognize-anything) as SeeSR ships it, cswry/SeeSR
+``ram/models/ram_lora.py``: Swin-L 384 + tagging head, 4585 tags, per-class thresholds
+(``ram/data/ram_tag_list_threshold.txt``), tags joined with ", " (``generate_tag``); image tokens
+``image_proj(visual_encoder(x))`` = ``[B, 145, 512]`` (``generate_image_embeds``); input: bicubic resize to
+384, clamp to [0, 1], ImageNet mean/std (SeeSR's ``train_seesr.py``).
 
 Only what RAM uses to tag an image is built: ``visual_encoder`` (:mod:`.swin`), ``image_proj``, ``label_embed``,
 ``wordvec_proj``, ``tagging_head`` (:mod:`.tagging_head`) and ``fc``, with the official key names, so the
@@ -62,7 +64,7 @@ RAM_CHECKPOINT = "ram_swin_large_14m.pth"
 TAG_LIST = "ram_tag_list.txt"
 TAG_THRESHOLDS = "ram_tag_list_threshold.txt"
 
-#: ImageNet statistics of RAM's input normalisation (spec §1.5, §1.7).
+#: ImageNet statistics of RAM's input normalisation (as SeeSR's ``train_seesr.py`` / ``test_seesr.py``).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -72,8 +74,8 @@ _DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 
 @dataclass(frozen=True)
 class RAMConfig:
-    """Every number of a RAM tagger. Defaults: the official Swin-L 384 (spec §1.4; RAM ``config_swinL_384
-    .json`` + ``q2l_config.json`` with ``encoder_width=512``)."""
+    """Every number of a RAM tagger. Defaults: the official Swin-L 384 (RAM
+    ``ram/configs/swin/config_swinL_384.json`` + ``ram/configs/q2l_config.json``, ``encoder_width=512``)."""
 
     image_size: int = 384
     patch_size: int = 4
@@ -206,8 +208,8 @@ class RAM(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` in [0, 1], any size -> bicubic ``image_size`` square, clamp, ImageNet-normalised.
 
-        As SeeSR's training data path (spec §1.5): ``F.interpolate(..., mode='bicubic')`` (no antialias),
-        ``clamp(0, 1)``, then mean/std. Float32 whatever the input dtype.
+        As SeeSR's training data path (``train_seesr.py``): ``F.interpolate(..., mode='bicubic')`` (no
+        antialias), ``clamp(0, 1)``, then mean/std. Float32 whatever the input dtype.
         """
         x = images.float()
         size = (self.image_size, self.image_size)
@@ -241,7 +243,8 @@ class RAM(nn.Module):
         return keep
 
     def tags_from_logits(self, logits: Tensor) -> list[str]:
-        """One string per image: the kept class names in class order, joined with ``", "`` (spec §1.4)."""
+        """One string per image: the kept class names in class order, joined with ``", "`` (SeeSR's
+        ``generate_tag``)."""
         return [
             ", ".join(self.tag_list[i] for i in row.nonzero().flatten().tolist())
             for row in self.tag_mask(logits)
@@ -388,7 +391,7 @@ def load_ram_checkpoint(model: RAM, checkpoint: str | Path | Mapping[str, Any]) 
     if missing:
         raise KeyError(
             f"the RAM checkpoint lacks {len(missing)} tagging-path tensors, e.g. {missing[:5]}: is it a RAM "
-            "(ram_swin_large_14m.pth) checkpoint? A DAPE.pth holds only LoRA deltas (spec §4 item 8): load "
+            "(ram_swin_large_14m.pth) checkpoint? A DAPE.pth holds only LoRA deltas (cswry/SeeSR#79): load "
             "it with restore.models.dape.load_dape"
         )
     resized = resize_relative_position_tables(mapped, ours)

@@ -1,8 +1,10 @@
 """RAM's Swin Transformer image encoder (``visual_encoder``), with the official parameter names.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.4 (Swin-L 384: embed 192, depths 2/2/18/2, heads 6/12/24/48, window
-12, patch 4, vision width 1536) and §1.2 / §6 (output ``[B, 1 + (S/32)^2, C]``: the average-pooled token first,
-then the spatial tokens; ``[B, 145, 1536]`` at 384 px).
+Reference: Swin Transformer (Liu et al., ICCV 2021) as RAM configures it
+(``ram/configs/swin/config_swinL_384.json``: embed 192, depths 2/2/18/2, heads 6/12/24/48, window 12, patch 4,
+vision width 1536) and runs it (cswry/SeeSR ``ram/models/swin_transformer.py``: output
+``[B, 1 + (S/32)^2, C]``, the average-pooled token first, then the spatial tokens; ``[B, 145, 1536]`` at
+384 px).
 
 Why not ``timm.models.SwinTransformer``: timm renames and reorders what RAM's checkpoint holds (patch merging
 moved to the start of the next stage, a different channel order of the merged 2x2 patches, a classifier head,

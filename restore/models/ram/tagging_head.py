@@ -1,9 +1,10 @@
 """RAM's image-tag recognition decoder (``tagging_head``): a Query2Label-style BERT without self-attention.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.4 (2-layer BERT, hidden 768, 4 heads, encoder width 512, self-attention
-deleted). The official head is a BLIP ``BertModel`` whose ``embeddings`` and every layer's self-``attention``
-are deleted after construction; in ``mode='tagging'`` each layer runs cross-attention from the label queries
-to the image tokens, then the feed-forward block, both post-norm with residuals (BERT). What is left of the
+Reference: RAM (Zhang et al., 2023) ``ram/configs/q2l_config.json`` (2-layer BERT, hidden 768, 4 heads,
+encoder width 512) and ``ram/models/ram.py`` (self-attention deleted, "following Query2Label": Liu et al.,
+2021). The official head is a BLIP ``BertModel`` whose ``embeddings`` and every layer's self-``attention`` are
+deleted after construction; in ``mode='tagging'`` each layer runs cross-attention from the label queries to
+the image tokens, then the feed-forward block, both post-norm with residuals (BERT). What is left of the
 official module tree is rebuilt here with the same names, so the keys are the official ones::
 
     encoder.layer.{i}.crossattention.self.{query,key,value}.{weight,bias}
