@@ -65,7 +65,7 @@ def pad_center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 def load_batch(size: int, batch: int) -> tuple[torch.Tensor, str]:
     if all(p.is_file() for p in SPEC_IMAGES):
-        images, source = [read_image(p) for p in SPEC_IMAGES], "spec §A.8 images (../shared/testdata)"
+        images, source = [read_image(p) for p in SPEC_IMAGES], "8 real HR images (../shared/testdata)"
     else:
         images, source = [load_embedded_photo(n) for n in EMBEDDED_PHOTO_NAMES], "embedded skimage photos"
     crops = [
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2, help="torch/OpenCV threads (the spec's baseline: 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch/OpenCV threads (the CI machine's 2 cores)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-basicsr", action="store_true", help="time restore only")

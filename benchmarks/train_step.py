@@ -91,7 +91,7 @@ def plain_step(module, batch: dict) -> torch.Tensor:
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (len(gt),), device=gt.device)
     noisy = prior.noise_scheduler.add_noise(latents, noise, t)
-    from restore.models.rca import representation_tokens
+    from restore.models.seesr import representation_tokens
 
     with representation_tokens((controlnet, prior.unet), tokens):
         down, mid = controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=lr_up, return_dict=False)

@@ -1,7 +1,7 @@
-"""Restore your own images with a trained method: ``python -m restore.infer model=<name> input=DIR output=DIR
+"""Restore your own images with a trained method: ``python -m restore.infer method=<name> input=DIR output=DIR
 ckpt_path=<train.py run>/checkpoints/last.ckpt`` (config: configs/infer.yaml).
 
-The model is one of the LightningModule configs ``train.py`` uses (configs/model/), built with
+The method is one of the configs ``train.py`` and ``eval.py`` use (configs/method/), built with
 ``hydra.utils.instantiate`` and loaded with :func:`restore.methods.checkpoints.load_method_weights`; every image
 goes through ``module.restore(lq[None])`` under ``inference_mode`` (and autocast for bf16/fp16), as eval.py's
 runner calls it (``[1, 3, h, w]`` in ``[0, 1]`` -> ``[1, 3, s*h, s*w]``).
@@ -163,36 +163,39 @@ def record_config(output_dir: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def _model_name(cfg: DictConfig) -> str:
+def _method_name(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get("model")
+        choice = HydraConfig.get().runtime.choices.get("method")
         if choice:
             return str(choice)
-    return str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
+    return str(cfg.method.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
 def _load_module(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     from hydra.utils import instantiate
 
+    from restore.evaluation.runner import requires_weights
     from restore.methods.checkpoints import MethodWeightsError, load_method_weights
     from restore.run import ConfigError
 
-    name = _model_name(cfg)
-    log.info(f"instantiating model <{cfg.model.get('_target_')}>")
-    module = instantiate(cfg.model)
+    name = _method_name(cfg)
+    log.info(f"instantiating method <{cfg.method.get('_target_')}>")
+    module = instantiate(cfg.method)
     if not callable(getattr(module, "restore", None)):
-        raise ConfigError(f"model `{name}` ({type(module).__name__}) has no restore(lq) method")
-    if cfg.get("requires_weights", True) or cfg.get("ckpt_path"):
+        raise ConfigError(f"method `{name}` ({type(module).__name__}) has no restore(lq) method")
+    if not requires_weights(module) and not cfg.get("ckpt_path"):
+        log.info(f"`{name}` has no trained weights (it declares requires_weights = False)")
+    elif cfg.get("requires_weights", True) or cfg.get("ckpt_path"):
         try:
             load_method_weights(module, cfg.get("ckpt_path"), name)
         except MethodWeightsError as err:
             if cfg.get("ckpt_path"):
                 raise
             raise MethodWeightsError(
-                f"model `{name}` has no trained weights: pass ckpt_path=<train.py run>/checkpoints/last.ckpt, or "
-                "released weights in the model config where it has such an entry (e.g. model.pretrained=FILE); "
+                f"method `{name}` has no trained weights: pass ckpt_path=<train.py run>/checkpoints/last.ckpt, or "
+                "released weights in the method config where it has such an entry (e.g. method.pretrained=FILE); "
                 "requires_weights=false runs the random initialisation (smoke tests only)"
             ) from err
     else:
@@ -216,7 +219,7 @@ def _restore_one(
 
 # ---------------------------------------------------------------------------------------------- run
 def infer(cfg: DictConfig) -> InferSummary:
-    """Restore ``cfg.input`` into ``cfg.output`` with ``cfg.model``; see the module doc for the rules."""
+    """Restore ``cfg.input`` into ``cfg.output`` with ``cfg.method``; see the module doc for the rules."""
     from hydra.utils import to_absolute_path
     from tqdm.auto import tqdm
 
@@ -225,7 +228,7 @@ def infer(cfg: DictConfig) -> InferSummary:
 
     single_console_log()
     apply_extras(cfg)
-    require_key(cfg, "model", group_choices("model"))
+    require_key(cfg, "method", group_choices("method"))
     input_path = Path(
         to_absolute_path(str(require_key(cfg, "input", "the image or folder to restore: input=DIR")))
     )

@@ -12,7 +12,7 @@ together and owns the cross-cutting rules that every method shares:
   directory) continues from it;
 - ``wandb.finish()`` in ``finally``, so one crashed job does not poison a multirun sweep.
 
-The method is built as ``instantiate(cfg.model, degradation=<instantiated cfg.degradation>)``: every
+The method is built as ``instantiate(cfg.method, degradation=<instantiated cfg.degradation>)``: every
 training method takes the degradation that synthesises its LR inputs as the ``degradation`` argument.
 
 Evaluation turns the config into an :class:`~restore.evaluation.runner.EvalSpec` and runs the benchmark
@@ -80,7 +80,7 @@ def require_key(cfg: DictConfig, key: str, hint: str) -> Any:
 
 
 def group_choices(group: str) -> str:
-    """Hint listing the options of a config group, e.g. ``choose one with model=<realesrnet|...>``."""
+    """Hint listing the options of a config group, e.g. ``choose one with method=<realesrnet|...>``."""
     from restore import CONFIG_DIR
 
     options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
@@ -233,7 +233,7 @@ def seed_from_config(cfg: DictConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit ``cfg.model`` on ``cfg.data``, then evaluate it when ``evaluate.benchmark`` is set.
+    """Fit ``cfg.method`` on ``cfg.data``, then evaluate it when ``evaluate.benchmark`` is set.
 
     Returns the final logged metrics plus ``eval/<benchmark>/<metric>`` means (for sweepers and tests).
     """
@@ -243,7 +243,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         seed_from_config(cfg)
         for key, hint in (
             ("data", group_choices("data")),
-            ("model", group_choices("model")),
+            ("method", group_choices("method")),
             ("trainer", group_choices("trainer")),
             ("paths.output_dir", "run through train.py, or set paths.output_dir"),
         ):
@@ -257,8 +257,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             require_key(cfg, "degradation", group_choices("degradation"))
             log.info(f"instantiating degradation <{cfg.degradation.get('_target_')}>")
             degradation = instantiate(cfg.degradation)
-        log.info(f"instantiating model <{cfg.model.get('_target_')}>")
-        model = instantiate(cfg.model, degradation=degradation)
+        log.info(f"instantiating method <{cfg.method.get('_target_')}>")
+        model = instantiate(cfg.method, degradation=degradation)
 
         callbacks = instantiate_callbacks(cfg.get("callbacks"))
         loggers = instantiate_loggers(cfg.get("logger"), output_dir)

@@ -1,10 +1,11 @@
 """Print a full-size model part's state dict as ``key<TAB>shape`` lines (built on the meta device: no memory).
 
     python scripts/inspect_model.py model=seesr|xpsr part=unet|controlnet
+    python scripts/inspect_model.py model=sd15|sd2_base|sdxl_base|pixart_alpha part=vae|unet|transformer|text_encoder
 
-Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order, the format of
-the spec's key lists (``../shared/specs/seesr_xpsr_statedict/*.tsv``, spec seesr_xpsr.md §1.8), so
-``diff <(python scripts/inspect_model.py model=seesr part=unet) <(grep -v '^#' seesr_unet.tsv)`` compares them.
+Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order: the layout of a
+released checkpoint's key list, so ``diff <(python scripts/inspect_model.py model=seesr part=unet) <(keys.tsv)``
+compares the network with the official one key by key.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def _seesr_unet() -> torch.nn.Module:
 
 
 def _seesr_controlnet() -> torch.nn.Module:
-    from restore.models.seesr import build_seesr_controlnet, build_seesr_unet
+    from restore.models.seesr import build_seesr_unet, seesr_controlnet_from_unet
 
-    return build_seesr_controlnet(build_seesr_unet(device="meta"))
+    return seesr_controlnet_from_unet(build_seesr_unet(device="meta"))
 
 
 def _xpsr_unet() -> torch.nn.Module:
@@ -47,9 +48,29 @@ def _xpsr_controlnet() -> torch.nn.Module:
     return build_xpsr_controlnet(build_xpsr_unet(device="meta"))
 
 
+def _prior_part(builder: str, part: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from restore.models import priors
+
+        return getattr(getattr(priors, builder)(device="meta"), part)
+
+    return build
+
+
+_PRIORS = {
+    "sd15": ("sd15_prior", ("vae", "unet", "text_encoder")),
+    "sd2_base": ("sd2_base_prior", ("vae", "unet", "text_encoder")),
+    "sdxl_base": ("sdxl_base_prior", ("vae", "unet", "text_encoder", "text_encoder_2")),
+    "pixart_alpha": ("pixart_alpha_prior", ("vae", "transformer", "text_encoder")),
+}
+
 MODELS: dict[str, dict[str, Callable[[], torch.nn.Module]]] = {
     "seesr": {"unet": _seesr_unet, "controlnet": _seesr_controlnet},
     "xpsr": {"unet": _xpsr_unet, "controlnet": _xpsr_controlnet},
+    **{
+        name: {part: _prior_part(builder, part) for part in parts}
+        for name, (builder, parts) in _PRIORS.items()
+    },
 }
 _KEYS = ("model", "part")
 

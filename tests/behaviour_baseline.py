@@ -43,7 +43,7 @@ BASELINE = FIXTURES / "behaviour_baseline.npz"
 CHECKPOINT_CASES = ("seesr_default", "xpsr_sfa_paper")
 
 #: The config group naming a method (train.py, eval.py and restore.infer).
-GROUP = "model"
+GROUP = "method"
 # small and fast: 4 steps at 64 px (LR 16 px); every case restores one LR image of 24 x 16 px
 _FAST = ["sampling.num_steps=4", "sampling.process_size=64", "sampling.progress=false", "sampling.seed=3"]
 
@@ -247,9 +247,15 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in CASES:
-            ckpt = FIXTURES / f"pre_refactor_{name}.ckpt.gz" if args.write and name in CHECKPOINT_CASES else None
+            ckpt = (
+                FIXTURES / f"pre_refactor_{name}.ckpt.gz" if args.write and name in CHECKPOINT_CASES else None
+            )
             results[name] = run_case(name, Path(tmp) / name, ckpt)
-            print(name, results[name]["losses"], {k: v for k, v in results[name].items() if k.startswith("term")})
+            print(
+                name,
+                results[name]["losses"],
+                {k: v for k, v in results[name].items() if k.startswith("term")},
+            )
     if args.write:
         FIXTURES.mkdir(exist_ok=True)
         np.savez_compressed(BASELINE, **flatten(results))

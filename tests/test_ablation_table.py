@@ -46,7 +46,7 @@ fusion=low\_only & 24.50 & 0.7100 & \textbf{0.1998} & 120.55 \\
 
 
 def _variant_doc(job: int, fusion: str, benchmark: str = "realsr", more: dict | None = None, **kw) -> dict:
-    overrides = {"model.fusion": fusion, **(more or {})}
+    overrides = {"method.fusion": fusion, **(more or {})}
     return results_doc(
         run_label("xpsr_tiny", overrides), benchmark, VARIANTS[fusion], overrides=overrides, job_num=job, **kw
     )
@@ -120,9 +120,9 @@ def _rows(docs: list[dict]) -> list[str]:
 def test_row_labels_name_what_varies() -> None:
     # two sweeps in one table: model.dfc differs between them, model.seed is the same everywhere
     docs = [
-        _variant_doc(0, "sfa", more={"model.dfc": "both", "seed": "1"}),
-        _variant_doc(0, "sfa", more={"model.dfc": "none", "seed": "1"}),
-        _variant_doc(1, "serial", more={"model.dfc": "none", "seed": "1"}),
+        _variant_doc(0, "sfa", more={"method.dfc": "both", "seed": "1"}),
+        _variant_doc(0, "sfa", more={"method.dfc": "none", "seed": "1"}),
+        _variant_doc(1, "serial", more={"method.dfc": "none", "seed": "1"}),
     ]
     assert _rows(docs) == ["fusion=sfa dfc=both", "fusion=sfa dfc=none", "fusion=serial dfc=none"]
     # a plain eval.py result (no overrides) next to the sweep's runs keeps its method name
@@ -135,7 +135,7 @@ def test_row_labels_name_what_varies() -> None:
     # labels that would read the same fall back to the (unique) method labels
     docs = [
         _variant_doc(0, "sfa"),
-        results_doc("sfa again", "realsr", {"psnr": 1.0}, overrides={"model.fusion": "sfa"}),
+        results_doc("sfa again", "realsr", {"psnr": 1.0}, overrides={"method.fusion": "sfa"}),
     ]
     assert _rows(docs) == ["xpsr_tiny fusion=sfa", "sfa again"]
 
@@ -156,20 +156,20 @@ def test_results_schema_sweep_fields() -> None:
     checked = validate_results(old)
     assert checked["overrides"] == {} and checked["job_num"] is None
     with pytest.raises(ResultsFormatError, match="'overrides' must be an object of override key -> value"):
-        validate_results({**old, "overrides": {"model.lr": 0.1}})
+        validate_results({**old, "overrides": {"method.lr": 0.1}})
     with pytest.raises(ResultsFormatError, match="'job_num' must be a non-negative integer or null"):
         validate_results({**old, "job_num": -1})
 
 
 def test_override_names() -> None:
-    assert short_names(["model.fusion", "model/prior", "a.lr", "b.lr"]) == {
-        "model.fusion": "fusion",
-        "model/prior": "prior",
+    assert short_names(["method.fusion", "method/prior", "a.lr", "b.lr"]) == {
+        "method.fusion": "fusion",
+        "method/prior": "prior",
         "a.lr": "a.lr",
         "b.lr": "b.lr",
     }
-    overrides = {"model.fusion": "serial", "model.optimizer.lr": "1e-3"}
+    overrides = {"method.fusion": "serial", "method.optimizer.lr": "1e-3"}
     assert variant_label(overrides) == "fusion=serial lr=1e-3"
-    assert variant_label(overrides, ["model.optimizer.lr"]) == "lr=1e-3"
+    assert variant_label(overrides, ["method.optimizer.lr"]) == "lr=1e-3"
     assert run_label("xpsr_tiny", overrides) == "xpsr_tiny fusion=serial lr=1e-3"
     assert run_label("xpsr_tiny", {}) == "xpsr_tiny"

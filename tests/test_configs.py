@@ -29,7 +29,7 @@ from restore.weights.manifest import MissingWeightsError
 
 GROUPS = [
     "data",
-    "model",
+    "method/prior",
     "experiment",
     "trainer",
     "logger",
@@ -95,13 +95,13 @@ def _fill_missing(cfg: DictConfig, data_root: Path) -> None:
 # Models that load released weights (not downloadable here). The full config must fail with the
 # missing-weights error that names the fix; the rest of it is checked with the tiny parts swapped in.
 NEEDS_WEIGHTS = {
-    "seesr": ["model/prior=tiny", "model/tagger@model.dape=dape_tiny"],
-    "xpsr": ["model/prior=tiny", "+model.controlnet.conditioning_embedding_out_channels=[8,16,16,16]"],
+    "seesr": ["method/prior=tiny", "method/tagger@method.dape=dape_tiny"],
+    "xpsr": ["method/prior=tiny", "+method.controlnet.conditioning_embedding_out_channels=[8,16,16,16]"],
     "dape": [
-        "model.ram.variant=tiny",
-        "model.ram.checkpoint=null",
-        "model.ram.tag_list=null",
-        "model.ram.thresholds=null",
+        "method.ram.variant=tiny",
+        "method.ram.checkpoint=null",
+        "method.ram.tag_list=null",
+        "method.ram.thresholds=null",
     ],
 }
 
@@ -131,10 +131,10 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, f
     image = item["hq"] if "hq" in item else item["gt"]  # HR-only data, or pairs degraded offline
     assert image.shape[0] == 3 and image.shape[1] == image.shape[2]
     if cfg.get("degradation") is None:
-        assert item["lq"].shape[-1] * instantiate(cfg.model).scale == image.shape[-1]
+        assert item["lq"].shape[-1] * instantiate(cfg.method).scale == image.shape[-1]
         return
     degradation = instantiate(cfg.degradation)
-    model = instantiate(cfg.model, degradation=degradation)
+    model = instantiate(cfg.method, degradation=degradation)
     assert model.scale == degradation.config.scale
     assert instantiate_callbacks(cfg.callbacks)
     assert all(isinstance(lg, Logger) for lg in instantiate_loggers(cfg.logger, cfg.paths.output_dir))
@@ -144,7 +144,7 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, f
 @pytest.mark.parametrize("data", options("data"))
 def test_data_config_instantiates(data: str, tmp_path: Path, fake_data_root: Path) -> None:
     _link_data(tmp_path, fake_data_root)
-    cfg = compose_config("train", [f"data={data}", "model=realesrnet_tiny"], tmp_path)
+    cfg = compose_config("train", [f"data={data}", "method=realesrnet_tiny"], tmp_path)
     _fill_missing(cfg, fake_data_root)
     datamodule = instantiate(cfg.data)
     assert len(datamodule.train_set) > 0
@@ -174,31 +174,32 @@ def test_benchmark_config_builds(benchmark: str, tmp_path: Path, fake_data_root:
     if benchmark in ("samples", "folder"):  # their folders exist in the fake data root
         items, skipped = bench.collect()
         assert [it.name for it in items] == ["0001"] and not skipped
-    assert instantiate(cfg.method.module).scale == cfg.benchmark.scale
+    assert instantiate(cfg.method).scale == cfg.benchmark.scale
 
 
-@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("model", options("method"))
 def test_model_config_instantiates(model: str, tmp_path: Path) -> None:
-    cfg = compose_config("train", [f"model={model}"], tmp_path)
+    cfg = compose_config("train", [f"method={model}"], tmp_path)
     if model in NEEDS_WEIGHTS:
         with pytest.raises(Exception, match="fetch|download") as err:
-            instantiate(cfg.model)
+            instantiate(cfg.method)
         cause = err.value if err.value.__cause__ is None else err.value.__cause__  # Hydra wraps errors
         assert isinstance(cause, (PriorNotFoundError, MissingWeightsError)), repr(err.value)
-        cfg = compose_config("train", [f"model={model}", *_model_overrides(model)], tmp_path)
-    method = instantiate(cfg.model)
+        cfg = compose_config("train", [f"method={model}", *_model_overrides(model)], tmp_path)
+    method = instantiate(cfg.method)
     x = torch.rand(1, 3, 12, 12)
-    if model.endswith("_tiny") and hasattr(method, "restore"):  # full-size nets work too, only slowly
+    if (model.endswith("_tiny") or model == "bicubic") and hasattr(method, "restore"):  # full size: slow
         assert method.restore(x).shape == (1, 3, 48, 48)
-    optimizer = method.configure_optimizers()["optimizer"]
-    assert optimizer.param_groups[0]["lr"] == cfg.model.optimizer.lr
+    if "optimizer" in cfg.method:  # trainable methods (bicubic is not)
+        optimizer = method.configure_optimizers()["optimizer"]
+        assert optimizer.param_groups[0]["lr"] == cfg.method.optimizer.lr
 
 
 def test_realesrnet_matches_the_official_x4plus_recipe(tmp_path: Path) -> None:
     cfg = compose_config("train", ["experiment=realesrnet"], tmp_path)
-    net = cfg.model.net
+    net = cfg.method.net
     assert (net.num_feat, net.num_block, net.num_grow_ch, net.scale) == (64, 23, 32, 4)
-    assert cfg.model.optimizer.lr == 2e-4 and list(cfg.model.optimizer.betas) == [0.9, 0.99]
+    assert cfg.method.optimizer.lr == 2e-4 and list(cfg.method.optimizer.betas) == [0.9, 0.99]
     assert cfg.data.batch_size == 12 and cfg.trainer.devices == 4 and cfg.trainer.max_steps == 1_000_000
     assert cfg.data.train.datasets[0].crop_size == 256
 

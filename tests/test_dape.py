@@ -303,7 +303,7 @@ def test_student_trains_in_train_mode_and_scales_are_checked() -> None:
     method.train()
     assert method.student.training and not method.teacher.training
     assert method.scale == 4
-    with pytest.raises(ValueError, match="degradation.scale=2 but model.scale=4"):
+    with pytest.raises(ValueError, match="degradation.scale=2 but method.scale=4"):
         _method(degradation=RealESRGANDegradation(scale=2))
 
 

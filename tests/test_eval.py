@@ -22,7 +22,7 @@ from restore.models.rrdbnet import RRDBNet
 from restore.run import ConfigError, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}  # configs/model/realesrnet_tiny.yaml
+TINY = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}  # configs/method/realesrnet_tiny.yaml
 FAST = ["benchmark.metrics=[psnr,ssim,psnr_rgb]", "num_workers=0", "progress=false", "trainer=cpu"]
 
 

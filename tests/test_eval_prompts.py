@@ -33,6 +33,8 @@ class PromptRecorder(nn.Module):
     """A method without weights that remembers the prompts each ``restore`` call got (nearest x4)."""
 
     calls: ClassVar[list[Any]] = []
+    requires_weights = False  # the declarations eval.py reads
+    takes_prompts = True
 
     def restore(self, lq: torch.Tensor, prompts: list[dict[str, str]] | None = None) -> torch.Tensor:
         PromptRecorder.calls.append(prompts)
@@ -66,11 +68,8 @@ def _cfg(folder: Path, method: str = "recorder", prompts: Path | None = None):
     )
     if method == "recorder":
         with open_dict(cfg):
-            cfg.method = {
-                "name": "recorder",
-                "requires_weights": False,
-                "module": {"_target_": f"{__name__}.PromptRecorder"},
-            }
+            cfg.method = {"_target_": f"{__name__}.PromptRecorder"}
+            cfg.label = "recorder"
     return cfg
 
 

@@ -206,7 +206,7 @@ def test_from_pretrained_round_trip(tmp_path: Path, high: MLLMCaptioner) -> None
 
 @pytest.mark.parametrize("name", ["llava15_7b", "qinstruct", "tiny_llava"])
 def test_captioner_configs(name: str) -> None:
-    cfg = OmegaConf.load(CONFIG_DIR / "model/captioner" / f"{name}.yaml")
+    cfg = OmegaConf.load(CONFIG_DIR / "method/captioner" / f"{name}.yaml")
     assert cfg._target_.startswith("restore.models.captioners.")
     if name == "tiny_llava":
         captioner = instantiate(cfg)

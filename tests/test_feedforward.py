@@ -69,7 +69,7 @@ def test_hr_batches_without_degradation_fail_clearly() -> None:
 
 def test_training_without_optimizer_config_fails_clearly() -> None:
     model = FeedForwardSR(RRDBNet(**TINY))
-    with pytest.raises(ValueError, match="model.optimizer"):
+    with pytest.raises(ValueError, match="method.optimizer"):
         model.configure_optimizers()
 
 

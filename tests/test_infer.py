@@ -1,4 +1,4 @@
-"""``python -m restore.infer`` with the tiny RealESRNet (configs/model/realesrnet_tiny.yaml): outputs, skipped
+"""``python -m restore.infer`` with the tiny RealESRNet (configs/method/realesrnet_tiny.yaml): outputs, skipped
 files, resume without rewriting, overwrite, refusals, the recorded config, equality with ``module.restore``."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from restore.models.rrdbnet import RRDBNet
 from restore.run import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}  # configs/model/realesrnet_tiny.yaml
+TINY = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}  # configs/method/realesrnet_tiny.yaml
 SIZES = {"a.png": (12, 10), "b.png": (8, 16), "sub/c.png": (9, 9)}
 
 
@@ -47,7 +47,7 @@ def inputs(tmp_path: Path) -> Path:
 
 
 def _run(tmp_path: Path, *overrides: str) -> object:
-    cfg = compose_config("infer", ["model=realesrnet_tiny", "progress=false", *overrides], tmp_path)
+    cfg = compose_config("infer", ["method=realesrnet_tiny", "progress=false", *overrides], tmp_path)
     return infer(cfg)
 
 
@@ -63,7 +63,7 @@ def test_cli_restores_skips_and_resumes(tmp_path: Path, inputs: Path, tiny_ckpt:
             sys.executable,
             "-m",
             "restore.infer",
-            "model=realesrnet_tiny",
+            "method=realesrnet_tiny",
             *args,
             f"paths.log_dir={tmp_path / 'logs'}",
         ],
@@ -125,7 +125,7 @@ def test_a_changed_config_keeps_the_old_record(tmp_path: Path, inputs: Path, tin
 
 def test_required_keys_and_refusals(tmp_path: Path, inputs: Path, tiny_ckpt: Path) -> None:
     cfg = compose_config("infer", [f"input={inputs}", f"output={tmp_path / 'o'}"], tmp_path)
-    with pytest.raises(ConfigError, match=r"`model` is required .*model=<.*realesrnet_tiny"):
+    with pytest.raises(ConfigError, match=r"`method` is required .*method=<.*realesrnet_tiny"):
         infer(cfg)
     with pytest.raises(ConfigError, match="`input` is required"):
         _run(tmp_path, f"output={tmp_path / 'o'}")

@@ -1,7 +1,5 @@
-"""LatentDiffusionSR (restore.methods.latent_diffusion) and FrozenPrior / tiny_prior (restore.models.priors).
-
-Spec: /work/shared/specs/seesr_xpsr.md §1.5 (training step, recipe), dreamclear_supir_stablesr.md §3.4.
-"""
+"""LatentDiffusionSR (restore.methods.latent_diffusion): trainable set, objective, prompt dropout, checkpoints,
+EMA, resume (the training step of the official trainers, e.g. cswry/SeeSR train_seesr.py)."""
 
 from __future__ import annotations
 
@@ -12,38 +10,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from restore.data.degradation import RealESRGANDegradation
 from restore.data.hr_datasets import EmbeddedPhotos
-from restore.methods.latent_diffusion import CheckpointMismatchError, LatentDiffusionSR
-from restore.models.priors import SD_SCALING_FACTOR, FrozenPrior, PriorNotFoundError, tiny_prior
+from restore.methods.latent_diffusion import CheckpointMismatchError, LatentDiffusionSR, build
+from restore.models.priors import tiny_prior
 
 
 class ControlSR(LatentDiffusionSR):
     """A minimal ControlNet method: LR (bicubic to GT size, [0, 1]) enters a ControlNet copy of the UNet."""
 
-    def build_trainable(self, prior: FrozenPrior) -> nn.ModuleDict:
+    def __init__(self, prior, **kwargs):
+        prior = build(prior)
         controlnet = ControlNetModel.from_unet(
             prior.unet, conditioning_embedding_out_channels=(8, 16, 16, 16)
         )
-        return nn.ModuleDict({"controlnet": controlnet})
+        super().__init__(prior, nn.ModuleDict({"controlnet": controlnet}), **kwargs)
 
-    def predict_noise(self, noisy, timesteps, text, batch):
+    def predict(self, noisy, timesteps, text, batch):
         gt = batch["gt"]
         cond = F.interpolate(batch["lq"], size=gt.shape[-2:], mode="bicubic").clamp(0, 1)
         down, mid = self.trainable["controlnet"](
-            noisy, timesteps, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
+            noisy, timesteps, controlnet_cond=cond, return_dict=False, **self.prior.denoiser_kwargs(text)
         )
-        return self.prior.unet(
-            noisy,
-            timesteps,
-            encoder_hidden_states=text,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        ).sample
+        return self.prior.predict(
+            noisy, timesteps, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        )
 
 
 def _adamw(lr: float = 1e-3):
@@ -95,74 +89,6 @@ def photos_64(photos_128) -> torch.Tensor:
     return F.interpolate(photos_128, size=64, mode="area")
 
 
-# ------------------------------------------------------------------------------------------------ prior
-def test_tiny_prior_has_sd_numbers_and_sdpa() -> None:
-    prior = tiny_prior()
-    sched = prior.noise_scheduler.config
-    assert (sched.num_train_timesteps, sched.beta_schedule, sched.prediction_type) == (
-        1000,
-        "scaled_linear",
-        "epsilon",
-    )
-    assert sched.steps_offset == 1
-    # scaled_linear: betas = linspace(sqrt(0.00085), sqrt(0.012))^2
-    betas = prior.noise_scheduler.betas
-    assert betas[0].item() == pytest.approx(0.00085, rel=1e-5)
-    assert betas[-1].item() == pytest.approx(0.012, rel=1e-5)
-    assert prior.scaling_factor == SD_SCALING_FACTOR == 0.18215
-    z = prior.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
-    assert z.shape == (1, 4, 8, 8)  # 8x downscale, 4 channels as SD
-    assert all(isinstance(p, AttnProcessor2_0) for p in prior.unet.attn_processors.values())
-    assert not any(p.requires_grad for p in prior.parameters())
-    ids = prior.tokenizer(["the cat"], return_tensors="pt").input_ids[0].tolist()
-    assert ids[0] == prior.tokenizer.bos_token_id and ids[-1] == prior.tokenizer.eos_token_id
-    # same seed -> same weights; another seed -> different
-    w = lambda p: p.unet.conv_in.weight  # noqa: E731
-    assert torch.equal(w(prior), w(tiny_prior(seed=0)))
-    assert not torch.equal(w(prior), w(tiny_prior(seed=1)))
-
-
-def test_from_pretrained_round_trip(tmp_path) -> None:
-    prior = tiny_prior(seed=3)
-    prior.save_pretrained(tmp_path / "sd")
-    assert sorted(p.name for p in (tmp_path / "sd").iterdir()) == [
-        "scheduler",
-        "text_encoder",
-        "tokenizer",
-        "unet",
-        "vae",
-    ]
-    loaded = FrozenPrior.from_pretrained(tmp_path / "sd", local_files_only=True)
-    assert loaded.source == str(tmp_path / "sd")
-    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.unet.training
-    torch.manual_seed(0)
-    x, t = torch.rand(1, 3, 64, 64), torch.tensor([500])
-    ids = prior.tokenizer(["a red car"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    ids2 = loaded.tokenizer(["a red car"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    assert torch.equal(ids, ids2)
-    with torch.no_grad():
-        for p in (prior, loaded):
-            p.out = p.unet(p.vae.encode(x).latent_dist.mean, t, p.text_encoder(ids)[0]).sample
-    for name in ("vae", "unet", "text_encoder"):  # identical weights ...
-        a, b = getattr(prior, name).state_dict(), getattr(loaded, name).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    # ... and outputs (to float rounding: loaded models may pick other CPU kernels / memory layouts)
-    torch.testing.assert_close(prior.out, loaded.out, rtol=1e-5, atol=1e-6)
-    assert loaded.noise_scheduler.config.beta_end == 0.012
-
-
-def test_from_pretrained_missing_folder_names_fix(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(PriorNotFoundError) as info:
-        FrozenPrior.from_pretrained("stabilityai/stable-diffusion-2-base", local_files_only=True)
-    msg = str(info.value)
-    assert "stabilityai/stable-diffusion-2-base" in msg
-    assert "HF_HOME=" + str(tmp_path / "hf") in msg
-    assert "vae/" in msg and "text_encoder/" in msg and "scheduler_config.json" in msg
-    with pytest.raises(FileNotFoundError):  # PriorNotFoundError is one, for generic handlers
-        FrozenPrior.from_pretrained(tmp_path / "nope", local_files_only=True)
-
-
 # ------------------------------------------------------------------------------------------------ module
 def test_frozen_prior_and_optimizer_sees_only_trainable(tmp_path, photos_64) -> None:
     model = ControlSR(tiny_prior(), optimizer=_adamw(), trainable_prior_modules=("conv_out",))
@@ -211,7 +137,7 @@ def test_targets_match_formulas(prediction_type) -> None:
     noisy = model.noise_scheduler.add_noise(x0, eps, t)
     torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
     expected = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    torch.testing.assert_close(model.diffusion_target(x0, eps, t), expected)
+    torch.testing.assert_close(model.objective.target(x0, eps, t), expected)
     # abar(999) of SD's schedule: prod(1 - betas) = 0.0047 (final signal scale sqrt = 0.068)
     assert abar[2].item() == pytest.approx(0.004660, abs=2e-5)
 
@@ -221,7 +147,7 @@ def test_prediction_type_defaults_to_scheduler_and_is_validated() -> None:
     assert LatentDiffusionSR(prior, trainable=nn.ModuleDict()).prediction_type == "epsilon"
     with pytest.raises(ValueError, match="prediction_type"):
         LatentDiffusionSR(tiny_prior(), trainable=nn.ModuleDict(), prediction_type="sample")
-    with pytest.raises(ValueError, match="no submodule of the prior UNet"):
+    with pytest.raises(ValueError, match="no submodule of the prior's unet"):
         LatentDiffusionSR(tiny_prior(), trainable=nn.ModuleDict(), trainable_prior_modules=("nope",))
     with pytest.raises(ValueError, match="shares parameters"):
         LatentDiffusionSR(prior, trainable=nn.ModuleDict({"x": prior.unet.conv_in}))
@@ -320,8 +246,8 @@ def test_fit_end_to_end_with_degradation_and_resume(tmp_path) -> None:
 
 def test_nonfinite_loss_stops_with_step(tmp_path, photos_64) -> None:
     class Broken(ControlSR):
-        def predict_noise(self, noisy, timesteps, text, batch):
-            return super().predict_noise(noisy, timesteps, text, batch) * float("nan")
+        def predict(self, noisy, timesteps, text, batch):
+            return super().predict(noisy, timesteps, text, batch) * float("nan")
 
     model = Broken(tiny_prior(), optimizer=_adamw())
     with pytest.raises(FloatingPointError, match="global step 0"):

@@ -327,7 +327,7 @@ def test_paired_train_config(tmp_path):
         "train",
         [
             "data=paired_train",
-            "model=realesrnet_tiny",
+            "method=realesrnet_tiny",
             f"data.train.prompts={side}",
             "data.train.prompt_key={prompt:highlevel,lowlevel_prompt:lowlevel}",
             "data.train.crop_size=128",

@@ -1,5 +1,7 @@
-"""restore.sampling.sampler on the tiny random prior (CPU, small images): timesteps, start latents, CFG batches,
-tile crops, resize rule, colour fix, scheduler names (spec seesr_xpsr.md §1.7, §2.6, §6)."""
+"""restore.sampling.sampler on the tiny random priors (CPU, small images): timesteps, start latents, CFG batches,
+tile crops of the spatial conditions, resize rule, start / colour references, decoder, steppers (the official
+test scripts: cswry/SeeSR test_seesr.py, qyp2000/XPSR test.py; SUPIR's and DreamClear's samplers are checked
+against their official numbers in tests/test_official_samplers.py)."""
 
 from __future__ import annotations
 
@@ -10,21 +12,39 @@ import pytest
 import torch
 from PIL import Image
 
-from restore.models.priors import sd_scheduler_config, tiny_prior
+from restore.models.priors import TextCondition, sd_scheduler_config, tiny_pixart_prior, tiny_prior
 from restore.sampling.color_fix import adain_color_fix
+from restore.sampling.lre import encode_lr_latent
 from restore.sampling.sampler import (
-    SCHEDULERS,
+    SamplingInputs,
     SamplingSettings,
     build_scheduler,
     resize_bicubic,
     sample,
-    start_latents,
     super_resolve,
     upscale_for_sampling,
 )
+from restore.sampling.steppers import DIFFUSERS_SCHEDULERS, build_stepper
 from restore.sampling.tiling import tile_positions
 
 FAST = SamplingSettings(num_steps=4, progress=False, seed=0)
+
+
+def _sample(denoise, cond, uncond, lr_up, vae, scheduler, settings, generator=None, **inputs):
+    """SeeSR's use of the loop: ``lr_up`` is the ControlNet image, the start and the colour reference."""
+    fields = {"spatial": {"image": lr_up}, "start_reference": lr_up, "color_reference": lr_up, **inputs}
+    return sample(denoise, SamplingInputs(cond, uncond, **fields), vae, scheduler, settings, generator)
+
+
+def _expected_start(prior, reference: torch.Tensor, settings: SamplingSettings, seed: int) -> torch.Tensor:
+    """The start latent the loop should make: encode (posterior draw) then the stepper's noising."""
+    generator = torch.Generator().manual_seed(seed)
+    latent = None
+    if settings.start != "noise":
+        latent = encode_lr_latent(prior.vae, reference, generator, sample=settings.start_encoding == "sample")
+    shape = (reference.shape[0], 4, reference.shape[-2] // 8, reference.shape[-1] // 8)
+    stepper = build_stepper(settings, prior.noise_scheduler)
+    return stepper.start(None if latent is None else latent.float(), shape, generator, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +61,7 @@ def texts() -> tuple[torch.Tensor, torch.Tensor]:
 def _unet_denoiser(prior, calls: list | None = None):
     """The brief's plain denoiser: the tiny UNet on the text condition, ignoring the LR image."""
 
-    def denoise(latents, t, condition, image):
+    def denoise(latents, t, condition, spatial):
         if calls is not None:
             calls.append(int(t))
         return prior.unet(latents, t, encoder_hidden_states=condition).sample
@@ -52,10 +72,8 @@ def _unet_denoiser(prior, calls: list | None = None):
 def _spy(records: list, value: float = 0.0):
     """A denoiser predicting a constant that records every call."""
 
-    def denoise(latents, t, condition, image):
-        records.append(
-            {"t": int(t), "latents": latents.clone(), "condition": condition, "image": image.clone()}
-        )
+    def denoise(latents, t, condition, spatial):
+        records.append({"t": int(t), "latents": latents.clone(), "condition": condition, **spatial})
         return torch.full_like(latents, value)
 
     return denoise
@@ -106,10 +124,10 @@ def test_lr_start_runs_the_50_leading_steps(prior, texts) -> None:
     cond, uncond = texts
     calls: list = []
     settings = SamplingSettings(progress=False, seed=0, guidance_scale=1.0)
-    sample(_spy(calls), cond, None, _lr_up(), prior.vae, prior.noise_scheduler, settings)
+    _sample(_spy(calls), cond, None, _lr_up(), prior.vae, prior.noise_scheduler, settings)
     assert [c["t"] for c in calls] == list(range(981, 0, -20))  # spec §6: 981, 961, ..., 1
     calls.clear()
-    sample(
+    _sample(
         _spy(calls),
         cond,
         None,
@@ -128,10 +146,9 @@ def test_start_latent_is_what_the_first_step_sees(prior, start: str) -> None:
     )
     calls: list = []
     lr_up = _lr_up()
-    sample(_spy(calls), torch.zeros(1, 2), None, lr_up, prior.vae, prior.noise_scheduler, settings)
+    _sample(_spy(calls), torch.zeros(1, 2), None, lr_up, prior.vae, prior.noise_scheduler, settings)
     assert calls[0]["t"] == 951 and len(calls) == 20  # XPSR's 20 leading steps: 951, ..., 1 (spec §2.6)
-    scheduler = build_scheduler("ddpm", prior.noise_scheduler)
-    expected = start_latents(prior.vae, lr_up, scheduler, 951, settings, torch.Generator().manual_seed(3))
+    expected = _expected_start(prior, lr_up, settings, seed=3)
     assert expected.shape == (1, 4, 8, 8)
     torch.testing.assert_close(calls[0]["latents"], expected, atol=0, rtol=0)
     if start == "noise":
@@ -149,12 +166,12 @@ def test_cfg_batches(prior) -> None:
     calls: list = []
     settings = dataclasses.replace(FAST, guidance_scale=1.0)
     lr_up = _lr_up()
-    sample(_spy(calls), cond, uncond, lr_up, prior.vae, prior.noise_scheduler, settings)
+    _sample(_spy(calls), cond, uncond, lr_up, prior.vae, prior.noise_scheduler, settings)
     assert len(calls) == 4
     for c in calls:  # conditional batch only
         assert c["latents"].shape[0] == 1 and c["condition"] is cond and torch.equal(c["image"], lr_up)
     calls.clear()
-    sample(
+    _sample(
         _spy(calls),
         cond,
         uncond,
@@ -168,7 +185,7 @@ def test_cfg_batches(prior) -> None:
         assert torch.equal(c["condition"], torch.cat([uncond, cond]))
         assert torch.equal(c["image"], torch.cat([lr_up, lr_up]))
     with pytest.raises(ValueError, match="needs an uncond"):
-        sample(_spy([]), cond, None, lr_up, prior.vae, prior.noise_scheduler, FAST)
+        _sample(_spy([]), cond, None, lr_up, prior.vae, prior.noise_scheduler, FAST)
 
 
 # -------------------------------------------------------------------------------------------------- tiling
@@ -177,14 +194,14 @@ def test_tiled_equals_untiled_when_the_latent_fits_one_tile(prior, texts) -> Non
     calls: list = []
     spy = _spy(calls)
 
-    def denoise(latents, t, condition, image):
-        spy(latents, t, condition, image)
+    def denoise(latents, t, condition, spatial):
+        spy(latents, t, condition, spatial)
         return prior.unet(latents, t, encoder_hidden_states=condition).sample
 
     args = (denoise, cond, uncond, _lr_up(), prior.vae, prior.noise_scheduler)
-    exact_fit = sample(*args, dataclasses.replace(FAST, latent_tile=8))  # 8x8 latent, tile 8: area 64 = 64
+    exact_fit = _sample(*args, dataclasses.replace(FAST, latent_tile=8))  # 8x8 latent, tile 8: area 64 = 64
     assert {tuple(c["latents"].shape[-2:]) for c in calls} == {(8, 8)}
-    default = sample(*args, FAST)
+    default = _sample(*args, FAST)
     assert torch.equal(exact_fit, default)
 
 
@@ -197,18 +214,11 @@ def test_tiles_see_their_latent_and_lr_crops(prior) -> None:
         num_steps=2, guidance_scale=1.0, latent_tile=8, latent_tile_overlap=2, progress=False, seed=5
     )
     calls: list = []
-    sample(_spy(calls), torch.zeros(1, 2), None, lr_up, prior.vae, prior.noise_scheduler, settings)
+    _sample(_spy(calls), torch.zeros(1, 2), None, lr_up, prior.vae, prior.noise_scheduler, settings)
     first = [c for c in calls if c["t"] == calls[0]["t"]]
     rows, cols = tile_positions(12, 8, 2), tile_positions(16, 8, 2)
     assert (rows, cols) == ([0, 4], [0, 6, 8]) and len(first) == 6
-    start = start_latents(
-        prior.vae,
-        lr_up,
-        build_scheduler("ddpm", prior.noise_scheduler),
-        501,
-        settings,
-        torch.Generator().manual_seed(5),
-    )
+    start = _expected_start(prior, lr_up, settings, seed=5)
     seen = []
     for c in first:
         assert c["latents"].shape == (1, 4, 8, 8) and c["image"].shape == (1, 3, 64, 64)
@@ -256,20 +266,20 @@ def test_color_fix_is_applied_against_lr_up(prior, texts) -> None:
     cond, uncond = texts
     lr_up = 0.3 + 0.4 * _lr_up()
     args = (_unet_denoiser(prior), cond, uncond, lr_up, prior.vae, prior.noise_scheduler)
-    raw = sample(*args, dataclasses.replace(FAST, color_fix="none"))
-    adain = sample(*args, FAST)
+    raw = _sample(*args, dataclasses.replace(FAST, color_fix="none"))
+    adain = _sample(*args, FAST)
     torch.testing.assert_close(adain, adain_color_fix(raw, lr_up), atol=1e-6, rtol=0)
     torch.testing.assert_close(adain.mean((2, 3)), lr_up.mean((2, 3)), atol=2e-3, rtol=0)
     assert (raw.mean((2, 3)) - lr_up.mean((2, 3))).abs().max() > 0.01
-    wavelet = sample(*args, dataclasses.replace(FAST, color_fix="wavelet"))
+    wavelet = _sample(*args, dataclasses.replace(FAST, color_fix="wavelet"))
     assert wavelet.shape == raw.shape and not torch.equal(wavelet, raw)
 
 
 # -------------------------------------------------------------------------------------------------- names
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(DIFFUSERS_SCHEDULERS) + ["edm"])
 def test_every_scheduler_runs_4_steps(prior, texts, name: str) -> None:
     calls: list = []
-    out = sample(
+    out = _sample(
         _unet_denoiser(prior, calls),
         *texts,
         _lr_up(),
@@ -279,13 +289,14 @@ def test_every_scheduler_runs_4_steps(prior, texts, name: str) -> None:
     )
     assert len(calls) == 4 and calls == sorted(calls, reverse=True)
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
-    built = build_scheduler(name, prior.noise_scheduler)
-    assert isinstance(built, SCHEDULERS[name][0]) and built.config.timestep_spacing == "leading"
+    if name in DIFFUSERS_SCHEDULERS:
+        built = build_scheduler(name, prior.noise_scheduler)
+        assert isinstance(built, DIFFUSERS_SCHEDULERS[name][0]) and built.config.timestep_spacing == "leading"
 
 
 def test_v_prediction_prior(prior, texts) -> None:
     config = {**sd_scheduler_config(), "prediction_type": "v_prediction"}
-    out = sample(_unet_denoiser(prior), *texts, _lr_up(), prior.vae, config, FAST)
+    out = _sample(_unet_denoiser(prior), *texts, _lr_up(), prior.vae, config, FAST)
     assert torch.isfinite(out).all()
     assert build_scheduler("ddim", config).config.prediction_type == "v_prediction"
 
@@ -293,7 +304,7 @@ def test_v_prediction_prior(prior, texts) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "choices"),
     [
-        ("scheduler", "euler", "ddpm, ddim, dpmsolver\\+\\+, unipc"),
+        ("scheduler", "euler", "ddpm, ddim, dpmsolver\\+\\+, unipc, iddpm, edm"),
         ("start", "gt", "lr, lr_double, noise"),
         ("color_fix", "nofix", "adain, wavelet, none"),
     ],
@@ -310,3 +321,76 @@ def test_bad_settings() -> None:
         SamplingSettings(start="lr_double")
     with pytest.raises(ValueError, match="num_steps"):
         SamplingSettings(num_steps=0)
+
+
+# ------------------------------------------------------------------------------------- what a method passes
+def test_references_decoder_and_spatial_conditions_are_the_methods(prior) -> None:
+    """DreamClear-style inputs: the start and colour reference are another image than the ControlNet's, the
+    start latent is the posterior mode, a latent-size condition is cropped per tile, the decoder is the method's."""
+    lr_up, reference = _lr_up(96, 128, seed=1), 0.2 + 0.5 * _lr_up(96, 128, seed=2)
+    lq_latent = torch.arange(12 * 16, dtype=torch.float32).view(1, 1, 12, 16)  # latent coordinates, 1x scale
+    settings = SamplingSettings(
+        num_steps=2, guidance_scale=1.0, latent_tile=8, latent_tile_overlap=2, start_encoding="mode",
+        progress=False, seed=5,
+    )  # fmt: skip
+    calls: list = []
+    decoded: list = []
+
+    def decode(latents):
+        decoded.append(latents)
+        return torch.full((1, 3, 96, 128), 0.5)
+
+    inputs = SamplingInputs(
+        torch.zeros(1, 2),
+        spatial={"image": lr_up, "lq_latent": lq_latent},
+        start_reference=reference,
+        color_reference=reference,
+        decode=decode,
+    )
+    out = sample(_spy(calls), inputs, prior.vae, prior.noise_scheduler, settings)
+    start = _expected_start(prior, reference, settings, seed=5)
+    first = [c for c in calls if c["t"] == calls[0]["t"]]
+    for c in first:  # each tile: its latent crop, its 8x image crop and its 1x latent-condition crop
+        ly, lx = int(c["lq_latent"][0, 0, 0, 0]) // 16, int(c["lq_latent"][0, 0, 0, 0]) % 16
+        assert torch.equal(c["lq_latent"], lq_latent[..., ly : ly + 8, lx : lx + 8])
+        assert torch.equal(c["image"], lr_up[..., 8 * ly : 8 * ly + 64, 8 * lx : 8 * lx + 64])
+        assert torch.equal(c["latents"], start[..., ly : ly + 8, lx : lx + 8])
+    assert len(first) == 6 and len(decoded) == 1
+    # the colour fix is against the colour reference, not the ControlNet image
+    torch.testing.assert_close(out, adain_color_fix(torch.full_like(out, 0.5), reference), atol=1e-6, rtol=0)
+
+
+def test_pixart_learned_variance_is_sampled_and_never_guided() -> None:
+    pixart = tiny_pixart_prior()
+    text = pixart.encode_text(["a photo of the cat"])
+    null = pixart.null_condition(1, like=text)
+    reference = _lr_up(64, 64, seed=3)
+
+    def denoise(latents, t, condition: TextCondition, spatial):
+        return pixart.predict(latents, t, condition)
+
+    for scheduler in ("iddpm", "ddpm", "dpmsolver++"):  # the diffusers ones take the epsilon half
+        settings = SamplingSettings(
+            scheduler=scheduler, num_steps=3, guidance_scale=4.5, progress=False, seed=0
+        )
+        out = sample(denoise, SamplingInputs(text, null, start_reference=reference), pixart.vae,
+                     pixart.noise_scheduler, settings)  # fmt: skip
+        assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all(), scheduler
+
+    # equal epsilon halves, different variance halves: CFG at 4.5 must equal the conditional output alone
+    def split(latents, t, condition, spatial):
+        v = condition.view(-1, 1, 1, 1).expand(-1, 4, *latents.shape[-2:])
+        return torch.cat([0.1 * latents, v], dim=1)
+
+    results = []
+    for scale in (1.0, 4.5):
+        settings = SamplingSettings(
+            scheduler="iddpm", num_steps=3, guidance_scale=scale, progress=False, seed=0
+        )
+        inputs = SamplingInputs(torch.tensor([0.5]), torch.tensor([-0.9]), start_reference=reference)
+        results.append(sample(split, inputs, pixart.vae, pixart.noise_scheduler, settings))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="learned variance"):  # an epsilon-only prior cannot use iddpm
+        _sample(_unet_denoiser(tiny_prior()), torch.zeros(1, 77, 32), None, reference, pixart.vae,
+                pixart.noise_scheduler, SamplingSettings(scheduler="iddpm", num_steps=2, guidance_scale=1.0,
+                                                         progress=False))  # fmt: skip

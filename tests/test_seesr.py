@@ -1,6 +1,6 @@
 """SeeSR stage 2 (restore.methods.seesr): trainable set, conditions, official folders, sampling, train/eval.
 
-Spec: /work/shared/specs/seesr_xpsr.md §1.2-§1.8.
+Official: cswry/SeeSR train_seesr.py, test_seesr.py, the released preset/models/seesr folder.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from restore.methods.latent_diffusion import EMA_CKPT_KEY, GENERATOR_CKPT_KEY, C
 from restore.methods.seesr import SeeSR
 from restore.models.dape import tiny_dape
 from restore.models.priors import sd2_base_prior, tiny_prior
-from restore.models.rca import RCA_ATTR
+from restore.models.seesr import RCA_ATTR
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "1"}
 
-# spec §6 / §0: trainable = ControlNet (489.0M) + UNet RCA (260.8M)
+# the released models: trainable = ControlNet (489.0M) + UNet RCA (260.8M)
 CONTROLNET_PARAMS = 489_031_440
 UNET_RCA_PARAMS = 260_849_600
 
@@ -118,16 +118,18 @@ def test_ram_tokens_reach_the_rca_of_both_networks() -> None:
         torch.nn.init.normal_(p, std=0.1)
     latents = torch.randn(1, 4, 8, 8)
     image = torch.rand(1, 3, 64, 64)
-    text = module.encode_prompts(["a photo"])
+    text = module.prior.encode_text(["a photo"])
     tokens = module.ram_tokens(image)
     with torch.no_grad():
-        out = module.denoise(latents, torch.tensor(500), {"text": text, "tokens": tokens}, image)
-        other = module.denoise(latents, torch.tensor(500), {"text": text, "tokens": tokens + 1}, image)
+        out = module.denoise(latents, torch.tensor(500), {"text": text, "tokens": tokens}, {"image": image})
+        other = module.denoise(
+            latents, torch.tensor(500), {"text": text, "tokens": tokens + 1}, {"image": image}
+        )
         # the UNet alone (no ControlNet residual change) still sees the tokens through its own RCA
         for p in module.controlnet.parameters():
             p.zero_()
-        a = module.denoise(latents, torch.tensor(500), {"text": text, "tokens": tokens}, image)
-        b = module.denoise(latents, torch.tensor(500), {"text": text, "tokens": tokens * 2}, image)
+        a = module.denoise(latents, torch.tensor(500), {"text": text, "tokens": tokens}, {"image": image})
+        b = module.denoise(latents, torch.tensor(500), {"text": text, "tokens": tokens * 2}, {"image": image})
     assert out.shape == latents.shape
     assert not torch.allclose(out, other)
     assert not torch.allclose(a, b)
@@ -159,7 +161,7 @@ def test_training_tags_come_from_the_prompt_or_from_dape_on_the_gt(monkeypatch) 
 
 def test_inference_prompt_is_the_official_string() -> None:
     module = _tiny_seesr()
-    # test_seesr.py: f"{tags}, {user_prompt}," + added_prompt (spec §1.7)
+    # test_seesr.py: f"{tags}, {user_prompt}," + added_prompt
     assert module.inference_prompt("cat, tree") == "cat, tree, ,clean, high-resolution, 8k"
     assert module.hparams.negative_prompt == "dotted, noise, blur, lowres, smooth"
 
@@ -188,7 +190,7 @@ def test_restore_uses_the_ema_weights(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def _save_official_folder(module: SeeSR, root: Path) -> None:
-    """An official-layout folder (spec §1.8): diffusers save_pretrained of the UNet (with RCA) and ControlNet."""
+    """An official-layout folder (preset/models/seesr): diffusers save_pretrained of the UNet (with RCA) and ControlNet."""
     module.prior.unet.save_pretrained(root / "unet")
     module.controlnet.save_pretrained(root / "controlnet")
 
@@ -228,7 +230,7 @@ TINY_RUN = [
     "extras.print_config=false",
     "callbacks.progress_bar=null",
     "trainer.log_every_n_steps=1",
-    "model.ema_decay=0.9",
+    "method.ema_decay=0.9",
     "callbacks.model_checkpoint.every_n_train_steps=2",
 ]
 
@@ -330,7 +332,7 @@ def test_train_then_eval_writes_table_and_report(tmp_path: Path) -> None:
             "method=seesr_tiny",
             f"ckpt_path={ckpt}",
             "benchmark.metrics=[psnr,ssim]",
-            "method.module.sampling.num_steps=4",
+            "method.sampling.num_steps=4",
             "trainer=cpu",
             "num_workers=0",
             "progress=false",
@@ -359,11 +361,11 @@ def test_train_then_eval_writes_table_and_report(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "restore.infer",
-            "model=seesr_tiny",
+            "method=seesr_tiny",
             f"input={lq_dir}",
             f"output={inferred}",
             f"ckpt_path={ckpt}",
-            "model.sampling.num_steps=4",
+            "method.sampling.num_steps=4",
             "extras.print_config=false",
             f"hydra.run.dir={tmp_path / 'infer_run'}",
         ],

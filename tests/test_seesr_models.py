@@ -1,4 +1,4 @@
-"""SeeSR UNet / ControlNet with RCA (restore/models/rca.py, seesr.py) against spec seesr_xpsr.md §1.2/§1.3.
+"""SeeSR UNet / ControlNet with RCA (restore/models/seesr.py) against the official networks (cswry/SeeSR).
 
 Full size on the meta device: keys, shapes, order and parameter counts equal the official ones (the spec's TSV
 lists when present next to the checkout; the counts are asserted either way). Tiny models on CPU: the hooks
@@ -18,25 +18,21 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from restore.models.rca import (
+from restore.models.priors.sd import sd2_base_unet_config, tiny_unet_config
+from restore.models.seesr import (
     RCA_ATTR,
     MissingRepresentationTokensError,
     add_representation_cross_attention,
+    build_seesr_unet,
     forward_with_representation,
     representation_tokens,
     seesr_controlnet_from_unet,
-)
-from restore.models.seesr import (
-    build_seesr_controlnet,
-    build_seesr_unet,
-    sd2_base_unet_config,
-    tiny_unet_config,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 TSV_DIR = REPO.parent / "shared" / "specs" / "seesr_xpsr_statedict"
 
-# Spec §1.2 / §1.3 / §6 [run] numbers.
+# The released models' numbers (counted on the official networks).
 UNET_TENSORS, UNET_PARAMS, SD2_PARAMS, UNET_RCA_PARAMS = 1102, 1_126_760_324, 865_910_724, 260_849_600
 CN_TENSORS, CN_PARAMS, CN_RCA_PARAMS = 522, 489_031_440, 124_803_200
 RCA_PARAMS_PER_CHANNELS = {320: 2_382_400, 640: 8_860_800, 1280: 34_105_600}
@@ -83,7 +79,7 @@ def meta_unet() -> UNet2DConditionModel:
 
 @pytest.fixture(scope="module")
 def meta_controlnet(meta_unet):
-    return build_seesr_controlnet(meta_unet)
+    return seesr_controlnet_from_unet(meta_unet)
 
 
 def test_full_unet_parameter_counts(meta_unet) -> None:
@@ -136,7 +132,7 @@ def test_full_state_dict_equals_official_key_list(part, meta_unet, meta_controln
 
 # --------------------------------------------------------------------------- tiny models, CPU
 
-TOKENS = 145  # RAM: 1 pooled + 12x12 spatial tokens (spec §1.2)
+TOKENS = 145  # RAM: 1 pooled + 12x12 spatial tokens
 
 
 def _tiny_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -426,7 +422,10 @@ def test_inspect_model_script_prints_unet_key_list() -> None:
     ("args", "message"),
     [
         (["model=seesr", "part=vae"], "unknown part 'vae' for model 'seesr'; options: controlnet, unet"),
-        (["model=stablesr", "part=unet"], "unknown model 'stablesr'; options: seesr, xpsr"),
+        (
+            ["model=stablesr", "part=unet"],
+            "unknown model 'stablesr'; options: pixart_alpha, sd15, sd2_base, sdxl_base, seesr, xpsr",
+        ),
         (["model=seesr"], "missing argument(s): part"),
         (["seesr", "unet"], "expected arguments model=... part=..."),
     ],

@@ -148,14 +148,14 @@ def test_cfg_job_prints_composed_config() -> None:
     proc = _ok(_run(_cli("train.py", "--cfg", "job", "experiment=realesrnet_tiny")))
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["task_name"] == "realesrnet_tiny"
-    assert cfg["model"]["net"]["num_feat"] == 8 and cfg["model"]["optimizer"]["lr"] == 2e-4
+    assert cfg["method"]["net"]["num_feat"] == 8 and cfg["method"]["optimizer"]["lr"] == 2e-4
     assert cfg["degradation"]["_target_"] == "restore.data.degradation.RealESRGANDegradation"
     assert "hydra" not in cfg
 
 
 def test_help_lists_config_groups() -> None:
     proc = _ok(_run(_cli("train.py", "--help")))
-    for group in ("experiment", "model", "model/prior", "model/tagger"):  # nested groups are listed too
+    for group in ("experiment", "method", "method/prior", "method/tagger"):  # nested groups are listed too
         names = sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
         assert "realesrnet_tiny" in names or group != "experiment"
         assert f"{group}: {', '.join(names)}" in proc.stdout
@@ -165,7 +165,7 @@ def test_help_lists_config_groups() -> None:
     ("override", "message"),
     [
         ("trainer.nope=1", "Could not override 'trainer.nope'"),
-        ("model=doesnotexist", "Could not find 'model/doesnotexist'"),
+        ("method=doesnotexist", "Could not find 'method/doesnotexist'"),
     ],
 )
 def test_bad_override_fails_with_hydra_message(override: str, message: str) -> None:

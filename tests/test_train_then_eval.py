@@ -86,7 +86,7 @@ def test_train_then_evaluate_equals_eval_py_on_the_checkpoint(samples_root: Path
 @pytest.fixture(scope="module")
 def sweep(samples_root: Path, tmp_path_factory) -> Path:
     sweep_dir = tmp_path_factory.mktemp("sweep") / "multirun"
-    args = [*TRAIN, "trainer.max_steps=1", "model.optimizer.lr=1e-3,2e-3", f"paths.data_root={samples_root}"]
+    args = [*TRAIN, "trainer.max_steps=1", "method.optimizer.lr=1e-3,2e-3", f"paths.data_root={samples_root}"]
     proc = subprocess.run(
         [sys.executable, "train.py", "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO,
@@ -103,8 +103,8 @@ def test_multirun_writes_one_labelled_result_per_job(sweep: Path) -> None:
     docs = [_results(sweep / str(job) / "eval/samples/results.json") for job in (0, 1)]
     assert [d["method"] for d in docs] == ["realesrnet_tiny lr=0.001", "realesrnet_tiny lr=0.002"]
     assert [d["overrides"] for d in docs] == [
-        {"model.optimizer.lr": "0.001"},
-        {"model.optimizer.lr": "0.002"},
+        {"method.optimizer.lr": "0.001"},
+        {"method.optimizer.lr": "0.002"},
     ]
     assert [d["job_num"] for d in docs] == [0, 1]
     assert docs[0]["settings"]["config_hash"] != docs[1]["settings"]["config_hash"]  # other weights

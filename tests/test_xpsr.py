@@ -1,7 +1,7 @@
 """XPSR as a method (restore.methods.xpsr): trainable set, prompts in training and inference, DFC in the loss,
 presets, official folders.
 
-Spec: ../shared/specs/seesr_xpsr.md §2.2-§2.6.
+Official: qyp2000/XPSR train.py, test.py, configs/xpsr*.yaml, the released checkpoint-300000 folder.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from restore.models.xpsr import PIXEL_ATTR
 
 REPO = Path(__file__).resolve().parents[1]
 
-PRESETS = OmegaConf.to_container(OmegaConf.load(REPO / "configs/model/xpsr.yaml").presets)
-# spec §0 / §6: trainable = ControlNet (620.2M) + UNet pixel_attentions (248.2M)
+PRESETS = OmegaConf.to_container(OmegaConf.load(REPO / "configs/method/xpsr.yaml").presets)
+# the released models: trainable = ControlNet (620.2M) + UNet pixel_attentions (248.2M)
 CONTROLNET_PARAMS = 620_216_909
 PIXEL_ATTENTION_PARAMS = 248_234_560
 
@@ -143,8 +143,10 @@ def test_training_texts_follow_fusion_and_the_paper_official_switch(
 ) -> None:
     module = _tiny_xpsr(fusion=fusion, training_prompt=training_prompt, dfc="none")
     seen: list[list[str]] = []
-    original = module.encode_prompts
-    monkeypatch.setattr(module, "encode_prompts", lambda p: (seen.append(list(p)), original(p))[1])
+    original = module.prior.encode_text
+    monkeypatch.setattr(
+        module.prior, "encode_text", lambda p, null=None: (seen.append(list(p)), original(p, null))[1]
+    )
     _fit(module, tmp_path, steps=1)
     assert seen[0][0] == text  # the base step encodes the text prompt first
     assert (seen[1][0] if len(seen) > 1 else None) == low
@@ -207,8 +209,10 @@ def test_inference_strings_for_the_prompt_and_negative_ablations(
 ) -> None:
     module = _tiny_xpsr(inference_prompts=which, use_negative_prompts=negatives)
     seen: list[str] = []
-    original = module.encode_prompts
-    monkeypatch.setattr(module, "encode_prompts", lambda p: (seen.append(list(p)[0]), original(p))[1])
+    original = module.prior.encode_text
+    monkeypatch.setattr(
+        module.prior, "encode_text", lambda p, null=None: (seen.append(list(p)[0]), original(p, null))[1]
+    )
     module.conditions(_records(1))
     cond_text, uncond_text, cond_low, uncond_low = seen
     assert [cond_text, cond_low, uncond_text, uncond_low] == expected
@@ -263,18 +267,24 @@ def test_text_cache_gives_the_same_embeddings_with_fewer_encoder_calls(monkeypat
     module = _tiny_xpsr(text_cache_size=2)
     plain = _tiny_xpsr(text_cache_size=0)
     calls: list[int] = []
-    original = module._run_text_encoder
-    monkeypatch.setattr(module, "_run_text_encoder", lambda p: (calls.append(len(p)), original(p))[1])
+    original = module.prior.run_text_encoder
+    monkeypatch.setattr(module.prior, "run_text_encoder", lambda p: (calls.append(len(p)), original(p))[1])
     prompts = ["a", "b", "a", ""]
     # equal up to the rounding of another batch composition inside the encoder (~1e-7)
     torch.testing.assert_close(
-        module.encode_prompts(prompts), plain.encode_prompts(prompts), rtol=0, atol=1e-5
+        module.prior.encode_text(prompts).hidden_states,
+        plain.prior.encode_text(prompts).hidden_states,
+        rtol=0,
+        atol=1e-5,
     )
     torch.testing.assert_close(
-        module.encode_prompts(["", "b"]), plain.encode_prompts(["", "b"]), rtol=0, atol=1e-5
+        module.prior.encode_text(["", "b"]).hidden_states,
+        plain.prior.encode_text(["", "b"]).hidden_states,
+        rtol=0,
+        atol=1e-5,
     )
     # least recently used first out: after [a, b, a, ""] the cache keeps a and ""; then b is encoded again
-    assert calls == [3, 1] and list(module._text_cache) == ["", "b"]
+    assert calls == [3, 1] and list(module.prior.text_cache._rows) == ["", "b"]
 
 
 def _save_official_folder(module: XPSR, root: Path) -> None:
@@ -342,7 +352,7 @@ def test_extract_train_eval_with_xpsr_tiny(tmp_path: Path) -> None:
         "method=xpsr_tiny",
         f"ckpt_path={ckpt}",
         "benchmark.metrics=[psnr,ssim]",
-        "method.module.sampling.num_steps=2",
+        "method.sampling.num_steps=2",
         "trainer=cpu",
         "num_workers=0",
         "progress=false",
@@ -385,11 +395,11 @@ def test_tiny_fusion_sweep_writes_one_result_per_run_and_one_ablation_table(tmp_
         "train.py",
         "-m",
         "experiment=xpsr_tiny",
-        f"model.fusion={','.join(fusions)}",
+        f"method.fusion={','.join(fusions)}",
         "trainer.max_steps=1",
         "evaluate.benchmark=samples",
         "evaluate.metrics=[psnr,ssim]",
-        "model.sampling.num_steps=2",
+        "method.sampling.num_steps=2",
         f"paths.data_root={data_root}",
         f"hydra.sweep.dir={sweep}",
         "extras.print_config=false",
@@ -398,7 +408,7 @@ def test_tiny_fusion_sweep_writes_one_result_per_run_and_one_ablation_table(tmp_
     results = [
         json.loads((sweep / str(i) / "eval" / "samples" / "results.json").read_text()) for i in range(4)
     ]
-    assert [r["overrides"]["model.fusion"] for r in results] == fusions
+    assert [r["overrides"]["method.fusion"] for r in results] == fusions
     assert all(r["num_scored"] == 8 for r in results)
     state = torch.load(sweep / "1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert not any(

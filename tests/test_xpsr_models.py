@@ -1,7 +1,8 @@
 """XPSR's added modules (restore.models.xpsr): official keys and counts, SFA wiring, pixel-attention residual
 routing, DFC heads, initial state, gradient flow.
 
-Spec: ../shared/specs/seesr_xpsr.md §2.2, §2.3, §2.5, §6; key lists: seesr_xpsr_statedict/xpsr_*.tsv.
+Official: qyp2000/XPSR models/unet_2d_blocks.py, models/controlnet.py, train.py; key lists of the released
+checkpoint-300000 folder (seesr_xpsr_statedict/xpsr_*.tsv beside this repository when present).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from restore.models.seesr import sd2_base_unet_config, tiny_unet_config
+from restore.models.priors.sd import sd2_base_unet_config, tiny_unet_config
 from restore.models.xpsr import (
     CONNECT_ATTR,
     LOWLEVEL_ATTR,

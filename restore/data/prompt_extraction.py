@@ -70,7 +70,7 @@ PromptSource = Callable[[list[Tensor]], list[str]]
 def _captioner_config_dir() -> Path:
     from restore import CONFIG_DIR
 
-    return CONFIG_DIR / "model" / "captioner"
+    return CONFIG_DIR / "method" / "captioner"
 
 
 #: Where ``--field NAME=<config>`` finds captioner configs (``llava15_7b``, ``qinstruct``, ``tiny_llava``).
@@ -282,7 +282,7 @@ def build_prompt_sources(
 ) -> dict[str, PromptSource]:
     """Field name -> prompt source, from source names (see :func:`parse_field_specs`).
 
-    A source is a captioner config of ``configs/model/captioner/`` (``llava15_7b``, ``qinstruct``,
+    A source is a captioner config of ``configs/method/captioner/`` (``llava15_7b``, ``qinstruct``,
     ``tiny_llava``) or a path to such a ``.yaml`` (instantiated with Hydra; ``device``, ``torch_dtype``,
     ``max_new_tokens`` and ``model_paths[field]`` override its entries), ``dape`` (RAM Swin-L
     ``ram_checkpoint``, default the weights manifest's, + ``dape_checkpoint``; missing files raise

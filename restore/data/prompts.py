@@ -87,6 +87,14 @@ class PromptTable:
     def __len__(self) -> int:
         return len(self._records)
 
+    def texts(self) -> list[str]:
+        """The ``key`` field of every entry that has it, in file order (e.g. to precompute text features)."""
+        return [
+            _as_text(record[self.key], f"{self.path}:{lineno}", self.key)
+            for lineno, record in self._records.values()
+            if record.get(self.key) is not None
+        ]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}('{self.path}', key={self.key!r}, entries={len(self)})"
 

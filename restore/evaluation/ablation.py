@@ -1,6 +1,6 @@
 """Ablation tables: the runs of a sweep as rows, metrics as columns, one table per benchmark.
 
-``python train.py -m experiment=xpsr_tiny model.fusion=sfa,serial evaluate.benchmark=samples`` writes one
+``python train.py -m experiment=xpsr_tiny method.fusion=sfa,serial evaluate.benchmark=samples`` writes one
 ``<job>/eval/<benchmark>/results.json`` per run, each carrying the overrides that vary across the sweep
 (:mod:`restore.evaluation.sweep`). Here a row is labelled with those overrides (``fusion=serial``), rows
 follow the sweep order (job number), and each column marks its best value bold and the second underlined

@@ -129,13 +129,26 @@ def run_key(cfg: DictConfig) -> str:
     )
 
 
+def method_choice(cfg: DictConfig) -> str | None:
+    """The ``method=<name>`` option of the composed config (``hydra.runtime.choices``), if any."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.method", default=None)
+    if choice is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choice = HydraConfig.get().runtime.choices.get("method")
+    return None if choice is None else str(choice)
+
+
 def method_label(cfg: DictConfig) -> str:
-    """Column name of the evaluated system: ``label``, else the method's name, else the scored folder's name."""
+    """Column name of the evaluated system: ``label``, else the method's config name (``method=seesr_tiny``), else
+    the scored folder's name."""
     if cfg.get("label"):
         return str(cfg.label)
     method = cfg.get("method")
-    if method is not None and method.get("name"):
-        return str(method.name)
+    if method is not None:
+        choice = method_choice(cfg)
+        return choice or str(method.get("_target_", "method")).rsplit(".", 1)[-1]
     if cfg.get("outputs"):
         return Path(str(cfg.outputs)).expanduser().resolve().name
     return "unnamed"

@@ -15,12 +15,12 @@ Rules:
   only on large benchmarks, at the price of every rank agreeing on every step; a full evaluation belongs to
   ``eval.py trainer=ddp``.
 - **Sharded training** (FSDP, DeepSpeed): rank 0 holds a shard of the weights only, so it builds the module
-  from ``cfg.model`` and loads ``checkpoints/last.ckpt`` (written in full) instead.
+  from ``cfg.method`` and loads ``checkpoints/last.ckpt`` (written in full) instead.
 - **Precision**: ``evaluate.precision`` (default ``32-true``, eval.py's default), not the training one.
 - **Label**: ``evaluate.label``, else the task name plus the overrides that vary across the multirun
   (``xpsr_tiny fusion=serial``, :mod:`restore.evaluation.sweep`); the results carry those overrides and the
   job number.
-- **Identity**: the run key hashes the benchmark, the model config, the metric settings and a digest of the
+- **Identity**: the run key hashes the benchmark, the method config, the metric settings and a digest of the
   weights. The same weights again (a requeued job killed while evaluating) continue the evaluation; other
   weights (the run resumed and trained further) or settings replace it: it scored a state of this run that
   its checkpoint no longer holds, and two results in one run folder would make a sweep's table ambiguous.
@@ -90,7 +90,7 @@ def training_eval_spec(
     """The :class:`EvalSpec` of ``cfg.evaluate`` for the run in ``cfg.paths.output_dir``.
 
     ``module``: the trained module in memory (its weights are digested into the run key); ``None`` with
-    ``ckpt_path``: the runner builds the module from ``cfg.model`` and loads that checkpoint.
+    ``ckpt_path``: the runner builds the module from ``cfg.method`` and loads that checkpoint.
     """
     ev = cfg.evaluate
     benchmark = _group_option(cfg, "benchmark", ev.benchmark, "evaluate.benchmark")
@@ -101,11 +101,7 @@ def training_eval_spec(
     catalog = _group_option(cfg, "metrics", ev.get("metric_catalog") or "default", "evaluate.metric_catalog")
     overrides = sweep_overrides()
     name = str(cfg.get("task_name") or "train")
-    method = {
-        "name": name,
-        "requires_weights": True,
-        "module": OmegaConf.to_container(cfg.model, resolve=True),
-    }
+    method = OmegaConf.to_container(cfg.method, resolve=True)
     weights = ckpt_signature(ckpt_path) if module is None else {"module": module_digest(module)}
     return EvalSpec(
         benchmark=Benchmark.from_config(benchmark),

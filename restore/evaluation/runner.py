@@ -16,15 +16,15 @@ Per rank (one process per GPU, or one CPU process):
 Images are assigned to ranks round-robin in name order, so each one is restored and scored exactly once.
 
 ``module=`` evaluates a module already in memory (``train.py evaluate=...`` right after fitting) instead of
-building ``spec.method`` and loading ``spec.ckpt_path``; the restore loop is the same. When the benchmark names
-a prompt side-file and the method's ``restore`` has a ``prompts`` parameter, each image's record (all text
-fields of its entry) is passed as ``restore(lq, prompts=[record])``; other methods are called as ``restore(lq)``.
+building ``spec.method`` and loading ``spec.ckpt_path``; the restore loop is the same. A method declares whether
+it needs trained weights (``requires_weights``, default true) and whether it takes per-image prompts
+(``takes_prompts``): when it does and the benchmark names a prompt side-file, each image's record (all text fields
+of its entry) is passed as ``restore(lq, prompts=[record])``; other methods are called as ``restore(lq)``.
 """
 
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import logging
@@ -72,7 +72,7 @@ class EvalSpec:
     label: str
     run_dir: Path
     run_key: str
-    method: Mapping[str, Any] | None = None  # the `method` config node, as a plain dict
+    method: Mapping[str, Any] | None = None  # the `method` config node (instantiable), as a plain dict
     ckpt_path: str | None = None
     outputs: Path | None = None
     metric_catalog: Mapping[str, Any] | None = None
@@ -144,25 +144,24 @@ def _load_method(spec: EvalSpec, device: torch.device) -> torch.nn.Module:
     from restore.methods.checkpoints import load_method_weights
 
     method = spec.method or {}
-    if "module" not in method:
-        raise BenchmarkError("the method config has no `module` entry (see configs/method/)")
-    module = instantiate(method["module"])
+    if "_target_" not in method:
+        raise BenchmarkError("the method config has no `_target_` (see configs/method/)")
+    module = instantiate(method)
     if not hasattr(module, "restore"):
-        raise BenchmarkError(
-            f"method `{method.get('name')}` ({type(module).__name__}) has no restore(lq) method"
-        )
-    if method.get("requires_weights", True):
-        load_method_weights(module, spec.ckpt_path, method.get("name", "?"))
+        raise BenchmarkError(f"method `{spec.label}` ({type(module).__name__}) has no restore(lq) method")
+    if requires_weights(module):
+        load_method_weights(module, spec.ckpt_path, spec.label)
     return module.to(device).eval()
 
 
+def requires_weights(model: Any) -> bool:
+    """The method's declaration (class attribute ``requires_weights``, default true)."""
+    return bool(getattr(model, "requires_weights", True))
+
+
 def takes_prompts(model: Any) -> bool:
-    """Whether ``model.restore`` has a parameter named ``prompts`` (per-image prompt records)."""
-    params = inspect.signature(model.restore).parameters
-    return "prompts" in params and params["prompts"].kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
-    )
+    """The method's declaration (class attribute ``takes_prompts``): ``restore(lq, prompts=[...])``."""
+    return bool(getattr(model, "takes_prompts", False))
 
 
 def restore_images(

@@ -1,8 +1,8 @@
 """What tells the runs of a Hydra multirun apart: the overrides whose values vary across its jobs.
 
-``python train.py -m experiment=xpsr_tiny model.fusion=sfa,serial`` starts two jobs whose task overrides are
-``[experiment=xpsr_tiny, model.fusion=sfa]`` and ``[experiment=xpsr_tiny, model.fusion=serial]``; only
-``model.fusion`` names the variant. A job's own config does not say which of its overrides were swept, so
+``python train.py -m experiment=xpsr_tiny method.fusion=sfa,serial`` starts two jobs whose task overrides are
+``[experiment=xpsr_tiny, method.fusion=sfa]`` and ``[experiment=xpsr_tiny, method.fusion=serial]``; only
+``method.fusion`` names the variant. A job's own config does not say which of its overrides were swept, so
 they are read from what the sweeper saved before launching: ``<sweep dir>/multirun.yaml`` (the command-line
 overrides, ``a=1,2`` being a sweep) and ``hydra.sweeper.params`` (sweeps defined in a config). The results
 of ``train.py evaluate=...`` carry them (``"overrides"``, ``"job_num"``), so ablation tables can label and
@@ -35,7 +35,7 @@ def _multirun_hydra() -> Any | None:
 
 
 def _split(override: str) -> tuple[str, str]:
-    """``"+model.fusion=serial"`` -> ``("model.fusion", "serial")``: the key without +/++/~, the value as typed."""
+    """``"+method.fusion=serial"`` -> ``("method.fusion", "serial")``: the key without +/++/~, the value as typed."""
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
 
@@ -55,7 +55,7 @@ def _swept_keys(overrides: Sequence[str]) -> set[str]:
 def sweep_overrides() -> dict[str, str]:
     """``key -> value`` of this job's overrides whose key is swept in its multirun; ``{}`` outside a multirun.
 
-    Keys as given on the command line (``model.fusion``, ``model/prior``), values as typed, in the job's order.
+    Keys as given on the command line (``method.fusion``, ``method/prior``), values as typed, in the job's order.
     Without ``multirun.yaml`` (a launcher that leaves no file there) every task override of the job is kept.
     """
     hc = _multirun_hydra()
@@ -82,8 +82,8 @@ def sweep_job_num() -> int | None:
 
 
 def short_names(keys: Iterable[str]) -> dict[str, str]:
-    """Each key's shortest trailing part that no other key ends with: ``model.fusion`` -> ``fusion``,
-    ``model/prior`` -> ``prior``; ``a.lr`` and ``b.lr`` keep ``a.lr`` and ``b.lr``."""
+    """Each key's shortest trailing part that no other key ends with: ``method.fusion`` -> ``fusion``,
+    ``method/prior`` -> ``prior``; ``a.lr`` and ``b.lr`` keep ``a.lr`` and ``b.lr``."""
     keys = list(dict.fromkeys(keys))
     parts = {k: k.replace("/", ".").split(".") for k in keys}
     names = {}

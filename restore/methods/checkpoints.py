@@ -44,14 +44,14 @@ def load_method_weights(module: nn.Module, ckpt_path: str | os.PathLike | None, 
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise MethodWeightsError(
                 f"ckpt_path={ckpt_path} is not a train.py (Lightning) checkpoint; for released network weights "
-                f"use method.module.pretrained=<file> instead"
+                f"use method.pretrained=<file> instead"
             )
         module.load_state_dict(ckpt["state_dict"], strict=True)
         log.info(f"loaded weights from {path} (global step {ckpt.get('global_step')})")
     elif not getattr(getattr(module, "hparams", {}), "get", lambda _k: None)("pretrained"):
         raise MethodWeightsError(
             f"method `{method}` needs trained weights: pass ckpt_path=<run dir>/checkpoints/last.ckpt (from "
-            "train.py) or method.module.pretrained=<released weights file>; evaluating a randomly initialised "
+            "train.py) or method.pretrained=<released weights file>; evaluating a randomly initialised "
             "network is meaningless"
         )
 

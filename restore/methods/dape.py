@@ -108,7 +108,7 @@ class DAPETraining(L.LightningModule):
         deg_scale = getattr(getattr(degradation, "config", None), "scale", None)
         if deg_scale is not None and deg_scale != scale:
             raise ValueError(
-                f"degradation.scale={deg_scale} but model.scale={scale}: set both to the same value"
+                f"degradation.scale={deg_scale} but method.scale={scale}: set both to the same value"
             )
         self.generator = RankGenerator(degradation_seed)
 

@@ -65,6 +65,10 @@ class FeedForwardSR(L.LightningModule):
         skip_nonfinite_loss: on a NaN/inf loss, skip the step (all ranks together) instead of stopping.
     """
 
+    #: eval.py / restore.infer refuse to score a randomly initialised network
+    requires_weights = True
+    takes_prompts = False
+
     def __init__(
         self,
         net: nn.Module,
@@ -110,7 +114,7 @@ class FeedForwardSR(L.LightningModule):
             state = load_basicsr_state_dict(path, key)
             self.net.load_state_dict(state, strict=True)
         except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
-            raise type(err)(f"cannot load `model.pretrained={path}` (key {key!r}): {err}") from err
+            raise type(err)(f"cannot load `method.pretrained={path}` (key {key!r}): {err}") from err
 
     # ------------------------------------------------------------------ inference
     def restore(self, lq: Tensor) -> Tensor:
@@ -141,7 +145,7 @@ class FeedForwardSR(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
-            raise ValueError("training needs `model.optimizer` (a `_partial_: true` optimizer config)")
+            raise ValueError("training needs `method.optimizer` (a `_partial_: true` optimizer config)")
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:

@@ -1,19 +1,31 @@
 """Base method for diffusion-prior SR: a frozen latent T2I prior plus trainable condition modules.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.5 (SeeSR training step: GT in [-1, 1] -> ``vae.encode(...)
-.latent_dist.sample() x 0.18215``, eps ~ N(0, I), t ~ U{0..999}, ``add_noise``, prompt replaced by "" with
-p=0.5, loss = MSE(eps_hat, eps); AdamW 5e-5 / wd 1e-2; no EMA; ``--scale_lr`` off; frozen VAE / text encoder /
-UNet except modules whose name ends with ``--trainable_modules``); §2 (XPSR, same step); and
-``dreamclear_supir_stablesr.md`` §3.4 (StableSR: fixed "" prompt, epsilon, t ~ U{0..999}).
+The training step is the LDM one of the official trainers (``cswry/SeeSR: train_seesr.py``, ``qyp2000/XPSR:
+train.py``, ``PixArt-alpha/PixArt-alpha: train_scripts/train.py`` for DreamClear, ``IceClear/StableSR:
+ldm/models/diffusion/ddpm.py``): GT in [-1, 1] -> VAE latent (a posterior sample, x the VAE's scaling); eps ~
+N(0, I); t ~ U{0..T-1}; the prompt dropped to the prior's null condition with ``null_prompt_prob``; the noisy
+latent and the target come from the prior's schedule (:class:`~restore.methods.objectives.DiffusionObjective`:
+epsilon, v, or learned-range variance with its VLB term).
 
-Subclasses (SeeSR, XPSR, ...) provide the trainable modules (``trainable`` / :meth:`build_trainable`), name the
-prior submodules that train (``trainable_prior_modules``) and implement :meth:`predict_noise`.
+A method (SeeSR, XPSR, ...) is this base plus:
 
-What is trainable is decided once, at construction: every parameter under a *frozen root* (the ``prior``, plus
-roots added with :meth:`register_frozen`, e.g. a tagger) is frozen, except submodules of the prior UNet whose
-name ends with one of ``trainable_prior_modules``; everything in ``trainable`` trains. Checkpoints follow the same
-rule: :meth:`state_dict` leaves out the frozen keys (they are reloaded from the prior's source), so a checkpoint
-holds the trainable weights, the EMA state and the per-rank generator states only.
+- its trainable modules, built *before* calling the base constructor (usually by a builder function of its
+  ``restore/models/<method>.py``) and passed as ``trainable``; prior submodules that train are named in
+  ``trainable_prior_modules``; other frozen networks (a tagger, a reference restorer) in ``frozen``;
+- :meth:`predict`: its network output for the noisy latents (a tensor, or a :class:`Prediction` carrying extras
+  such as XPSR's DFC head outputs);
+- optionally :meth:`auxiliary_losses` (extra named terms from the batch and the prediction's extras);
+- :meth:`denoise` and :meth:`restore` for inference (:func:`restore.sampling.sampler.sample` runs the loop);
+- the class attributes :attr:`requires_weights` / :attr:`takes_prompts`, which eval.py and restore.infer read.
+
+The loss is ``sum(loss_weights[name] * term)`` over the named terms (weight 1 unless configured), each logged as
+``train/<name>_loss``, the sum as ``train/loss``. Nothing is written into the batch.
+
+What is trainable is decided once, at construction: every parameter under a *frozen root* (the ``prior`` and the
+``frozen`` modules) is frozen, except submodules of the prior's denoiser whose name ends with one of
+``trainable_prior_modules``; everything in ``trainable`` trains. Checkpoints follow the same rule:
+:meth:`state_dict` leaves out the frozen keys (they are reloaded from the prior's source), so a checkpoint holds
+the trainable weights, the EMA state and the per-rank generator states only.
 
 Randomness: degradations, prompt dropout, VAE posterior samples, noise and timesteps are all drawn from one
 per-rank ``torch.Generator`` saved in checkpoints, so a resumed run draws what an uninterrupted one would.
@@ -22,14 +34,13 @@ per-rank ``torch.Generator`` saved in checkpoints, so a resumed run draws what a
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -38,12 +49,14 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from restore.methods.checkpoints import CheckpointMismatchError
 from restore.methods.nonfinite_loss import skip_nonfinite_loss
+from restore.methods.objectives import DiffusionObjective
 from restore.methods.rank_generator import RankGenerator
 from restore.methods.training_pairs import add_synthesised_pairs
-from restore.models.priors import FrozenPrior, freeze
-from restore.sampling.sampler import SamplingSettings, resize_bicubic, sample, upscale_for_sampling
+from restore.models.priors import LatentPrior, TextCondition, freeze
+from restore.models.priors.text import TextCache
+from restore.sampling.sampler import SamplingInputs, SamplingSettings, sample
 
-__all__ = ["CheckpointMismatchError", "LatentDiffusionSR", "plain_dict"]
+__all__ = ["CheckpointMismatchError", "LatentDiffusionSR", "Prediction", "build", "plain_dict"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -57,8 +70,6 @@ GENERATOR_CKPT_KEY = "diffusion_generator"
 EMA_CKPT_KEY = "ema"
 PRIOR_SOURCE_CKPT_KEY = "prior_source"
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
 
 def plain_dict(value: Any) -> dict[str, Any]:
     """A Hydra DictConfig (or any mapping) as a plain dict (diffusers configs must serialise to JSON)."""
@@ -67,50 +78,71 @@ def plain_dict(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def build(part: Any) -> Any:
+    """``part`` itself, or what it builds when it is a zero-argument factory (a Hydra ``_partial_``)."""
+    return part if isinstance(part, nn.Module) else part()
+
+
+@dataclass
+class Prediction:
+    """A method's network output in the objective's parametrisation, plus what its extra losses need."""
+
+    output: Tensor
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
 class LatentDiffusionSR(L.LightningModule):
-    """Frozen latent T2I prior + trainable modules, trained with the LDM noise-prediction loss.
+    """Frozen latent T2I prior + trainable modules, trained with the prior's diffusion objective.
 
     Args:
-        prior: a :class:`FrozenPrior` or a zero-argument factory returning one (a Hydra ``_partial_``).
-        trainable: the trainable modules; ``None`` calls :meth:`build_trainable` (subclasses).
+        prior: a :class:`~restore.models.priors.LatentPrior` or a zero-argument factory returning one.
+        trainable: the trainable modules (built by the method before calling this constructor).
+        trainable_prior_modules: names (suffixes at a dot boundary) of submodules of the prior's denoiser that
+            train, e.g. ``("image_attentions",)`` for SeeSR (``train_seesr.py``: "UNet except modules whose name
+            ends with --trainable_modules").
+        frozen: other frozen networks of the method, attached under their names (not optimised, not written to
+            checkpoints), e.g. SeeSR's DAPE tagger.
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``), given only the trainable parameters.
         scheduler: optional ``optimizer -> LRScheduler``, stepped every optimisation step.
         degradation: ``deg(hq, generator) -> (lq, gt)`` for HR-only batches (as in ``FeedForwardSR``).
         degradation_seed: base seed of the per-rank generators (degradation and diffusion draws).
         prediction_type: ``"epsilon"`` or ``"v_prediction"``; ``None`` = the prior scheduler's config.
-        null_prompt_prob: per-sample probability of replacing the prompt by "" (SeeSR: 0.5).
-        ema_decay: EMA of the trainable parameters (diffusers ``EMAModel``); ``None`` = off (SeeSR: off).
-        gradient_checkpointing: enable it on the trainable diffusers modules and on the prior UNet (the loss
-            back-propagates through the frozen UNet into the condition modules, so its activations count too).
+        variance_type: ``"learned_range"`` to train a learned variance (MSE + VLB); ``None`` = the prior's.
+        loss_weights: ``{term: weight}`` multiplying the named loss terms (default 1 each).
+        null_prompt_prob: per-sample probability of the prior's null condition instead of the prompt.
+        ema_decay: EMA of the trainable parameters (diffusers ``EMAModel``); ``None`` = off.
+        gradient_checkpointing: enable it on the trainable diffusers modules and on the prior's denoiser (the loss
+            back-propagates through the frozen denoiser into the condition modules, so its activations count too).
         scale_lr: multiply the optimiser's lr by ``batch_size x accumulate_grad_batches x world_size``.
-        trainable_prior_modules: names (suffixes at a dot boundary) of prior-UNet submodules that train, e.g.
-            ``("image_attentions",)`` for SeeSR (spec §1.5: "UNet except modules whose name ends with
-            --trainable_modules"); defaults to the class attribute of the same name.
         skip_nonfinite_loss: on a NaN/inf loss skip the step (all ranks together) instead of stopping.
-        text_cache_size: keep the text-encoder output of up to this many distinct prompts (the encoder is
-            frozen, so a cached embedding stays valid); 0 = off. Worth it when prompts repeat (tags, "" of the
-            null-prompt dropout, a fixed negative prompt at inference).
+        text_cache_size: keep the prior's encodings of up to this many distinct prompts (its encoders are
+            frozen, so an entry stays valid); 0 = the prior's own setting. Worth it when prompts repeat.
     """
 
-    #: Default of the ``trainable_prior_modules`` argument, for subclasses.
-    trainable_prior_modules: tuple[str, ...] = ()
+    #: eval.py / restore.infer refuse to run the method without trained weights (ckpt_path or pretrained=)
+    requires_weights: ClassVar[bool] = True
+    #: :meth:`restore` takes per-image prompt records (``restore(lq, prompts=[...])``, a benchmark side-file)
+    takes_prompts: ClassVar[bool] = False
     #: Subclass ``__init__`` arguments kept out of ``hparams`` (modules, e.g. a frozen tagger).
-    hparams_ignore: tuple[str, ...] = ()
+    hparams_ignore: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
-        prior: FrozenPrior | Callable[[], FrozenPrior],
-        trainable: nn.ModuleDict | None = None,
+        prior: LatentPrior | Callable[[], LatentPrior],
+        trainable: nn.ModuleDict,
+        trainable_prior_modules: Sequence[str] = (),
+        frozen: Mapping[str, nn.Module] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         degradation: nn.Module | None = None,
         degradation_seed: int = 0,
         prediction_type: str | None = None,
+        variance_type: str | None = None,
+        loss_weights: Mapping[str, float] | None = None,
         null_prompt_prob: float = 0.5,
         ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
         scale_lr: bool = False,
-        trainable_prior_modules: Sequence[str] | None = None,
         skip_nonfinite_loss: bool = False,
         text_cache_size: int = 0,
     ) -> None:
@@ -118,39 +150,47 @@ class LatentDiffusionSR(L.LightningModule):
         # Lightning collects the subclasses' __init__ arguments too: modules they take are named in
         # `hparams_ignore` (hyper-parameters are deep-copied and written to every checkpoint).
         self.save_hyperparameters(
-            ignore=["prior", "trainable", "optimizer", "scheduler", "degradation", *self.hparams_ignore],
+            ignore=[
+                "prior",
+                "trainable",
+                "frozen",
+                "optimizer",
+                "scheduler",
+                "degradation",
+                *self.hparams_ignore,
+            ],
             logger=False,
         )
         self._plain_hparams()
         if not 0.0 <= null_prompt_prob <= 1.0:
             raise ValueError(f"null_prompt_prob must be in [0, 1], got {null_prompt_prob}")
+        if not isinstance(trainable, nn.ModuleDict):
+            raise TypeError(f"trainable must be an nn.ModuleDict, got {type(trainable).__name__}")
         self._frozen_roots: list[str] = []
-        self.register_frozen("prior", prior if isinstance(prior, FrozenPrior) else prior())
-        self.trainable = trainable if trainable is not None else self.build_trainable(self.prior)
-        if not isinstance(self.trainable, nn.ModuleDict):
-            raise TypeError(f"trainable must be an nn.ModuleDict, got {type(self.trainable).__name__}")
-        names = self.trainable_prior_modules if trainable_prior_modules is None else trainable_prior_modules
-        self._prior_trainable_prefixes = self._unfreeze_prior_modules(tuple(names))
+        self.register_frozen("prior", build(prior))
+        self.trainable = trainable
+        for name, module in (frozen or {}).items():
+            self.register_frozen(name, module)
+        self._prior_trainable_prefixes = self._unfreeze_prior_modules(tuple(trainable_prior_modules))
         self._check_no_shared_parameters()
 
-        configured = self.prior.noise_scheduler.config.prediction_type
-        self.prediction_type = prediction_type or configured
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
-            )
-
+        self.objective = DiffusionObjective(
+            self.prior.noise_scheduler,
+            prediction_type or self.prior.prediction_type,
+            variance_type if variance_type is not None else self.prior.variance_type,
+        )
+        self.loss_weights = {str(k): float(v) for k, v in (loss_weights or {}).items()}
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.__dict__["degradation"] = degradation  # data pipeline, not a submodule (see FeedForwardSR)
         if gradient_checkpointing:
-            for module in (*self.trainable.values(), self.prior.unet):
+            for module in (*self.trainable.values(), self.prior.denoiser):
                 if getattr(module, "_supports_gradient_checkpointing", False):
                     module.enable_gradient_checkpointing()
-
         if text_cache_size < 0:
             raise ValueError(f"text_cache_size must be >= 0, got {text_cache_size}")
-        self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
+        if text_cache_size:
+            self.prior.text_cache = TextCache(text_cache_size)
         self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
         self._ema_reset_pending = False
         self.generator = RankGenerator(degradation_seed)
@@ -164,10 +204,6 @@ class LatentDiffusionSR(L.LightningModule):
                     store[key] = OmegaConf.to_container(value, resolve=True)
 
     # ------------------------------------------------------------------ trainable vs frozen
-    def build_trainable(self, prior: FrozenPrior) -> nn.ModuleDict:
-        """The trainable modules when none are passed; subclasses build them here (e.g. a ControlNet)."""
-        raise NotImplementedError(f"{type(self).__name__} needs `trainable` or a build_trainable() override")
-
     def register_frozen(self, name: str, module: nn.Module) -> None:
         """Attach a frozen submodule (kept in eval mode, not optimised, not written to checkpoints)."""
         setattr(self, name, freeze(module))
@@ -175,14 +211,19 @@ class LatentDiffusionSR(L.LightningModule):
 
     def _unfreeze_prior_modules(self, names: tuple[str, ...]) -> tuple[str, ...]:
         prefixes = []
-        unet = self.prior.unet
+        denoiser = self.prior.denoiser
         for name in names:
-            found = [full for full, _ in unet.named_modules() if full == name or full.endswith("." + name)]
+            found = [
+                full for full, _ in denoiser.named_modules() if full == name or full.endswith("." + name)
+            ]
             if not found:
-                raise ValueError(f"trainable_prior_modules: no submodule of the prior UNet is named {name!r}")
+                raise ValueError(
+                    f"trainable_prior_modules: no submodule of the prior's {self.prior.denoiser_name} is named "
+                    f"{name!r}"
+                )
             for full in found:
-                unet.get_submodule(full).requires_grad_(True).train()
-                prefixes.append(f"prior.unet.{full}")
+                denoiser.get_submodule(full).requires_grad_(True).train()
+                prefixes.append(f"prior.{self.prior.denoiser_name}.{full}")
         return tuple(prefixes)
 
     def _check_no_shared_parameters(self) -> None:
@@ -214,105 +255,57 @@ class LatentDiffusionSR(L.LightningModule):
             self.get_submodule(prefix).train(mode)
         return self
 
-    # ------------------------------------------------------------------ diffusion pieces
+    # ------------------------------------------------------------------ training
     @property
     def noise_scheduler(self) -> Any:
         return self.prior.noise_scheduler
 
-    @torch.no_grad()
-    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """[0, 1] images -> scaled VAE latents (a posterior sample, float32), as SD training does."""
-        vae = self.prior.vae
-        posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
-        shift = getattr(vae.config, "shift_factor", None) or 0.0  # None for SD 1.x / 2.x
-        return ((posterior.sample(generator=generator) - shift) * vae.config.scaling_factor).float()
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Text-encoder last hidden states of ``prompts`` padded to the tokenizer's max length.
-
-        With ``text_cache_size > 0`` only prompts not seen recently go through the encoder (least recently
-        used ones are evicted); results equal the uncached ones up to the float rounding of another batch
-        composition inside the encoder (~1e-7).
-        """
-        prompts = list(prompts)
-        size = int(self.hparams.get("text_cache_size", 0))
-        if size == 0:
-            return self._run_text_encoder(prompts)
-        cache = self._text_cache
-        new = list(dict.fromkeys(p for p in prompts if p not in cache))
-        if new:
-            for prompt, embedding in zip(new, self._run_text_encoder(new), strict=True):
-                cache[prompt] = embedding
-        rows = []
-        for prompt in prompts:
-            cache.move_to_end(prompt)
-            rows.append(cache[prompt])
-        out = torch.stack(rows).to(self.device)
-        while len(cache) > size:
-            cache.popitem(last=False)
-        return out
-
-    def _run_text_encoder(self, prompts: list[str]) -> Tensor:
-        tok = self.prior.tokenizer
-        ids = tok(
-            prompts,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.prior.text_encoder(ids)[0]
+    @property
+    def prediction_type(self) -> str:
+        return self.objective.prediction_type
 
     def null_prompt_mask(self, n: int, generator: torch.Generator) -> Tensor:
-        """Which of ``n`` samples get the empty prompt (Bernoulli(null_prompt_prob), from ``generator``)."""
+        """Which of ``n`` samples get the null condition (Bernoulli(null_prompt_prob), from ``generator``)."""
         return torch.rand(n, generator=generator, device=generator.device) < self.hparams.null_prompt_prob
-
-    def diffusion_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """epsilon: the noise; v_prediction: ``sqrt(a_t) eps - sqrt(1 - a_t) x0`` (``scheduler.get_velocity``)."""
-        if self.prediction_type == "epsilon":
-            return noise
-        return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-
-    def predict_noise(
-        self, noisy_latents: Tensor, timesteps: Tensor, text_embeddings: Tensor, batch: dict[str, Any]
-    ) -> Tensor:
-        """The network output in the ``prediction_type`` parametrisation. Subclasses add their conditions;
-        the base runs the prior UNet alone (with any ``trainable_prior_modules`` inside it)."""
-        return self.prior.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
-
-    def auxiliary_losses(self, batch: dict[str, Any], latents: Tensor) -> dict[str, Tensor]:
-        """Extra loss terms of a training step, added to the diffusion loss and logged as ``train/<name>``
-        (e.g. XPSR's DFC). Called right after :meth:`predict_noise` on the same batch; ``latents`` are the
-        scaled GT latents the step noised. Subclasses override; the base has none."""
-        return {}
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         return add_synthesised_pairs(self, batch)
 
-    # ------------------------------------------------------------------ training
+    def predict(
+        self, noisy_latents: Tensor, timesteps: Tensor, text: TextCondition, batch: Mapping[str, Any]
+    ) -> Tensor | Prediction:
+        """The network output for the training step, in the objective's parametrisation (with the variance
+        channels where the prior learns them). Methods add their conditions; the base runs the prior's
+        denoiser alone (with any ``trainable_prior_modules`` inside it)."""
+        return self.prior.predict(noisy_latents, timesteps, text)
+
+    def auxiliary_losses(
+        self, batch: Mapping[str, Any], latents: Tensor, prediction: Prediction
+    ) -> dict[str, Tensor]:
+        """Extra named loss terms of a training step (e.g. XPSR's DFC), from the batch, the scaled GT latents the
+        step noised and the prediction (with its extras). The base has none."""
+        return {}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         gt = batch["gt"]
         n = len(gt)
         gen = self.generator.get(self, gt.device)
         prompts = list(batch.get("prompt") or [""] * n)
-        drop = self.null_prompt_mask(n, gen).tolist()
-        prompts = ["" if d else p for p, d in zip(prompts, drop, strict=True)]
-        latents = self.encode_images(gt, gen)
-        text = self.encode_prompts(prompts)
+        null = self.null_prompt_mask(n, gen)
+        latents = self.prior.encode_images(gt, gen)
+        text = self.prior.encode_text(prompts, null=null)
         noise = torch.randn(latents.shape, generator=gen, device=gen.device).to(latents.device)
-        num_t = self.noise_scheduler.config.num_train_timesteps
+        num_t = self.objective.num_train_timesteps
         timesteps = torch.randint(0, num_t, (n,), generator=gen, device=gen.device).to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = self.diffusion_target(latents, noise, timesteps)
-        pred = self.predict_noise(noisy, timesteps, text, batch)
-        loss = F.mse_loss(pred.float(), target.float())  # float32 whatever the autocast dtype
-        extra = self.auxiliary_losses(batch, latents)
-        if extra:
-            self.log("train/diffusion_loss", loss.detach(), batch_size=n)
-            for name, value in extra.items():
-                self.log(f"train/{name}", value.detach(), batch_size=n)
-            loss = loss + sum(extra.values())
+        noisy = self.objective.add_noise(latents, noise, timesteps)
+        prediction = self.predict(noisy, timesteps, text, batch)
+        if isinstance(prediction, Tensor):
+            prediction = Prediction(prediction)
+        terms = self.objective.losses(prediction.output, latents, noisy, noise, timesteps)
+        terms.update(self.auxiliary_losses(batch, latents, prediction))
+        loss = sum(self.loss_weights.get(name, 1.0) * value for name, value in terms.items())
+        for name, value in terms.items():
+            self.log(f"train/{name}_loss", value.detach(), batch_size=n)
         if skip_nonfinite_loss(self, loss, batch_idx, self.hparams.skip_nonfinite_loss):
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
@@ -320,7 +313,7 @@ class LatentDiffusionSR(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
-            raise ValueError("training needs `model.optimizer` (a `_partial_: true` optimizer config)")
+            raise ValueError("training needs `method.optimizer` (a `_partial_: true` optimizer config)")
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.hparams.scale_lr:
             factor = self._lr_scale_factor()
@@ -338,36 +331,31 @@ class LatentDiffusionSR(L.LightningModule):
         return batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     # ------------------------------------------------------------------ inference
-    def denoise(self, latents: Tensor, t: Tensor, condition: Any, image: Tensor) -> Tensor:
-        """The network output for a latent (tile), its conditions and its LR image crop (sampling loop)."""
+    def denoise(self, latents: Tensor, t: Tensor, condition: Any, spatial: Mapping[str, Tensor]) -> Tensor:
+        """The network output for a latent (tile), its condition and its crops of the spatial conditions (the
+        sampling loop's :class:`~restore.sampling.sampler.Denoiser`)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement denoise()")
 
-    def sample_restored(
-        self,
-        lq: Tensor,
-        cond: Any,
-        uncond: Any,
-        settings: SamplingSettings,
-        generator: torch.Generator | None = None,
+    def restore(self, lq: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Super-resolve ``lq`` ``[B, 3, h, w]`` in [0, 1] (the method's scale)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement restore()")
+
+    def forward(self, lq: Tensor) -> Tensor:
+        return self.restore(lq)
+
+    def sample(
+        self, inputs: SamplingInputs, settings: SamplingSettings, generator: torch.Generator | None = None
     ) -> Tensor:
-        """The shared tail of the ControlNet-style methods' ``restore``: upscale ``lq`` for sampling, run
-        :func:`restore.sampling.sampler.sample` with :meth:`denoise` under the EMA weights (``settings.seed``
-        when no generator is given), and resize to exactly ``upscale x`` the input (colour fix before)."""
-        lr_up, out_size = upscale_for_sampling(lq, settings.upscale, settings.process_size)
+        """:func:`restore.sampling.sampler.sample` with :meth:`denoise`, the prior's VAE and schedule, under the
+        EMA weights; ``settings.seed`` seeds a generator (on ``inputs``' device) when none is given."""
         if generator is None and settings.seed is not None:
-            generator = torch.Generator(device=lq.device).manual_seed(int(settings.seed))
-        with self.ema_weights():
-            image = sample(
-                self.denoise,
-                cond,
-                uncond,
-                lr_up,
-                vae=self.prior.vae,
-                scheduler=self.noise_scheduler,
-                settings=settings,
-                generator=generator,
+            device = next(
+                (x.device for x in (inputs.start_reference, inputs.color_reference) if x is not None),
+                self.device,
             )
-        return resize_bicubic(image, out_size)
+            generator = torch.Generator(device=device).manual_seed(int(settings.seed))
+        with self.ema_weights():
+            return sample(self.denoise, inputs, self.prior.vae, self.noise_scheduler, settings, generator)
 
     # ------------------------------------------------------------------ EMA
     def on_train_start(self) -> None:

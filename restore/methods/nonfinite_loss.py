@@ -26,7 +26,7 @@ def skip_nonfinite_loss(module: L.LightningModule, loss: Tensor, batch_idx: int,
     if not skip:
         raise FloatingPointError(
             f"{msg}. Training stopped; lower the learning rate, check the data, or set "
-            "model.skip_nonfinite_loss=true to skip such steps"
+            "method.skip_nonfinite_loss=true to skip such steps"
         )
-    rank_zero_warn(f"{msg}: step skipped (model.skip_nonfinite_loss=true)")
+    rank_zero_warn(f"{msg}: step skipped (method.skip_nonfinite_loss=true)")
     return True

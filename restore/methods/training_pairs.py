@@ -47,5 +47,6 @@ def add_synthesised_pairs(module: L.LightningModule, batch: dict[str, Any]) -> d
 
 def upsampled_lr(lq: Tensor, gt: Tensor) -> Tensor:
     """The ControlNet condition of SeeSR / XPSR training: ``lq`` bicubic-upsampled to ``gt``'s size, clamped to
-    [0, 1], float32 (spec ``seesr_xpsr.md`` §1.5 ``sr_bicubic``, §2.5 ``LR/`` stored at 512²)."""
+    [0, 1], float32 (SeeSR's ``sr_bicubic`` in ``train_seesr.py``; XPSR's ``LR/`` stored at 512² by
+    ``utils_data/make_train.py``)."""
     return F.interpolate(lq.float(), size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)

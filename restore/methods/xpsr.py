@@ -1,10 +1,11 @@
 """XPSR: ControlNet with Semantic-Fusion Attention + Conditional Attention on a frozen SD-1.5, prompted by MLLMs,
 trained with the Degradation-Free Constraint.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §2.2-§2.3 (modules: :mod:`restore.models.xpsr`), §2.4 (MLLM prompts:
-``scripts/extract_prompts.py``), §2.5 (training), §2.6 (inference), §0 (recipe table).
+XPSR (Qu et al., ECCV 2024); official: ``qyp2000/XPSR: train.py`` + ``configs/xpsr.yaml`` (training),
+``test.py`` + ``configs/xpsr_test.yaml`` (inference); networks in :mod:`restore.models.xpsr`, MLLM prompts from
+``scripts/extract_prompts.py``.
 
-Training step (§2.5): the ControlNet reads the bicubic-x4 LR in [0, 1] with the high-level prompt as its text and
+Training step: the ControlNet reads the bicubic-x4 LR in [0, 1] with the high-level prompt as its text and
 the low-level (quality) prompt in its SFA blocks; the UNet reads the same text and, in its ``pixel_attentions``,
 the raw ControlNet residuals. Loss = epsilon MSE + 0.05 x each DFC term (3 RGB heads to the resized GT, 13 latent
 heads to the resized GT latent). Trainable: the ControlNet (with its SFA and DFC heads) and the UNet's
@@ -12,14 +13,14 @@ heads to the resized GT latent). Trainable: the ControlNet (with its SFA and DFC
 
 Prompts come with the batch, from a side-file written by ``scripts/extract_prompts.py`` (fields ``prompt`` =
 the high-level caption and ``lowlevel_prompt``, mapped by the data config's ``prompt_key``). Which text the
-networks see is a switch, because the paper and the released trainer disagree (§2.5): ``training_prompt=paper``
+networks see is a switch, because the paper and the released trainer disagree: ``training_prompt=paper``
 (default) uses the high-level caption; ``official`` trains with an empty high-level prompt, as the released
 ``train.py`` does (it never reads the caption), so only the low-level prompt is informative.
 
-The ablations of the paper are constructor options (configs: ``configs/model/xpsr.yaml``): ``fusion`` (Tab. 3),
+The ablations of the paper are constructor options (configs: ``configs/method/xpsr.yaml``): ``fusion`` (Tab. 3),
 ``dfc`` (Tab. 4), ``negative_prompt`` on/off (Tab. 5), ``inference_prompts`` (Tab. 2), the prior (Tab. 6).
 
-Inference (§2.6): prompts per image from the benchmark's side-file (``restore(lq, prompts=[record])``), or made on
+Inference: prompts per image from the benchmark's side-file (``restore(lq, prompts=[record])``), or made on
 the fly from the LR by the configured captioners; then ``"{caption} " + added_prompt`` against the negative
 prompt, the low-level description against the low-level negative, sampled by
 :func:`restore.sampling.sampler.sample` with the preset's settings (``paper``: DDPM 50, CFG 5.5, LRE start;
@@ -32,25 +33,22 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from restore.methods.checkpoints import load_controlnet_release
-from restore.methods.latent_diffusion import LatentDiffusionSR, plain_dict
-from restore.methods.training_pairs import upsampled_lr
-from restore.models.priors import FrozenPrior
+from restore.methods.controlnet_sr import ControlNetSR
+from restore.methods.latent_diffusion import Prediction, build, plain_dict
+from restore.models.priors import LatentPrior, TextCondition
 from restore.models.xpsr import (
     DFC_MODES,
     FUSIONS,
     PIXEL_ATTR,
-    add_pixel_attention,
-    build_xpsr_controlnet,
+    build_xpsr_trainable,
     degradation_free_loss,
     degradation_free_predictions,
-    has_pixel_attention,
     lowlevel_prompt,
 )
 from restore.sampling.sampler import SamplingSettings
@@ -75,8 +73,8 @@ class MissingPromptsError(ValueError):
     """XPSR got an image without its high-/low-level prompts and has no captioner to make them."""
 
 
-class XPSR(LatentDiffusionSR):
-    """XPSR (Qu et al., ECCV 2024) as a :class:`LatentDiffusionSR`.
+class XPSR(ControlNetSR):
+    """XPSR (Qu et al., ECCV 2024) as a :class:`~restore.methods.controlnet_sr.ControlNetSR`.
 
     Args:
         prior: the frozen SD prior (SD-1.5 in the paper) or a factory; ``pixel_attentions`` are attached here.
@@ -97,16 +95,17 @@ class XPSR(LatentDiffusionSR):
         sampling: fields of :class:`SamplingSettings` overriding the preset's.
         captioners: ``{"highlevel": captioner, "lowlevel": captioner}`` (``MLLMCaptioner`` or factories, built
             on first use) for images without prompts at inference; ``None``: prompts must be given.
-        pretrained: a released XPSR folder (``unet/`` + ``controlnet/``, §2.5) to load.
-        **kwargs: :class:`LatentDiffusionSR` arguments (optimizer, null_prompt_prob, text_cache_size, ...).
+        pretrained: a released XPSR folder (``unet/`` + ``controlnet/``) to load.
+        **kwargs: :class:`~restore.methods.latent_diffusion.LatentDiffusionSR` arguments (optimizer,
+            null_prompt_prob, text_cache_size, ...).
     """
 
-    trainable_prior_modules = (PIXEL_ATTR,)
+    takes_prompts = True
     hparams_ignore = ("captioners",)
 
     def __init__(
         self,
-        prior: FrozenPrior | Callable[[], FrozenPrior],
+        prior: LatentPrior | Callable[[], LatentPrior],
         scale: int = 4,
         fusion: str = "sfa",
         dfc: str = "both",
@@ -135,9 +134,7 @@ class XPSR(LatentDiffusionSR):
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        self._controlnet_kwargs = plain_dict(controlnet or {})
-        super().__init__(prior, **kwargs)
-        self.inference = _resolve_preset(
+        inference = _resolve_preset(
             preset,
             plain_dict(presets or {}),
             {
@@ -148,31 +145,27 @@ class XPSR(LatentDiffusionSR):
             plain_dict(sampling or {}),
             scale,
         )
-        self.sampling: SamplingSettings = self.inference["sampling"]
         unknown = set(captioners or {}) - set(_CAPTIONERS)
         if unknown:
             raise ValueError(f"captioners takes the keys {_CAPTIONERS}, got {sorted(unknown)}")
+        prior_module = build(prior)
+        trainable = build_xpsr_trainable(
+            prior_module.unet, fusion, dfc, pixel_attention_zero_init, **plain_dict(controlnet or {})
+        )
+        super().__init__(
+            prior_module,
+            trainable,
+            scale=scale,
+            conditioning_scale=conditioning_scale,
+            sampling=inference["sampling"],
+            trainable_prior_modules=(PIXEL_ATTR,),
+            **kwargs,
+        )
+        self.inference = inference
         # not submodules: 7B MLLMs stay out of checkpoints and are built only when inference needs them
         self.__dict__["_captioners"] = dict(captioners or {})
         if pretrained is not None:
             load_official_xpsr(self, pretrained)
-
-    # ------------------------------------------------------------------ modules
-    def build_trainable(self, prior: FrozenPrior) -> nn.ModuleDict:
-        """Pixel attention on the prior UNet, and the SFA + DFC ControlNet copied from it (§2.2, §2.3)."""
-        hp = self.hparams
-        if not has_pixel_attention(prior.unet):
-            add_pixel_attention(prior.unet, zero_init=hp.pixel_attention_zero_init)
-        controlnet = build_xpsr_controlnet(prior.unet, hp.fusion, hp.dfc, **self._controlnet_kwargs)
-        return nn.ModuleDict({"controlnet": controlnet})
-
-    @property
-    def controlnet(self) -> nn.Module:
-        return self.trainable["controlnet"]
-
-    @property
-    def scale(self) -> int:
-        return int(self.hparams.scale)
 
     @property
     def uses_lowlevel_attention(self) -> bool:
@@ -180,14 +173,9 @@ class XPSR(LatentDiffusionSR):
         return self.hparams.fusion in ("sfa", "serial")
 
     # ------------------------------------------------------------------ training
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        batch = super().on_after_batch_transfer(batch, dataloader_idx)
-        if "gt" not in batch or "lq" not in batch:
-            return batch
-        gt, lq = batch["gt"], batch["lq"]
-        n = len(gt)
-        # the ControlNet condition: the LR bicubic-upsampled to the GT size, [0, 1] (§2.5, stored LR/ at 512²)
-        lr_up = upsampled_lr(lq, gt)
+    def training_inputs(self, batch: Mapping[str, Any], lr_up: Tensor) -> dict[str, Any]:
+        """The text prompt of the step (see the module doc); the prompts the configuration needs must be there."""
+        n = len(batch["gt"])
         high = batch.get(HIGH_FIELD)
         low = batch.get(LOW_FIELD)
         needed = {"high_only": [HIGH_FIELD], "low_only": [LOW_FIELD]}.get(
@@ -208,55 +196,48 @@ class XPSR(LatentDiffusionSR):
             text = [""] * n  # the released train.py encodes an empty input_ids for the text prompt
         else:
             text = list(high)
-        return {**batch, "lr_up": lr_up, HIGH_FIELD: text}
+        return {HIGH_FIELD: text}
 
-    def predict_noise(
-        self, noisy_latents: Tensor, timesteps: Tensor, text_embeddings: Tensor, batch: dict[str, Any]
-    ) -> Tensor:
-        condition = {"text": text_embeddings}
+    def condition_for_training(self, text: TextCondition, batch: Mapping[str, Any]) -> dict[str, Any]:
+        condition: dict[str, Any] = {"text": text}
         if self.uses_lowlevel_attention:
-            condition["lowlevel"] = self.encode_prompts(batch[LOW_FIELD])
-        with ExitStack() as stack:
-            if self.training and self.hparams.dfc != "none":
-                batch["dfc_predictions"] = stack.enter_context(degradation_free_predictions(self.controlnet))
-            return self.denoise(noisy_latents, timesteps, condition, batch["lr_up"])
+            condition["lowlevel"] = self.prior.encode_text(batch[LOW_FIELD])
+        return condition
 
-    def auxiliary_losses(self, batch: dict[str, Any], latents: Tensor) -> dict[str, Tensor]:
-        predictions = batch.get("dfc_predictions")
+    def side_inputs(self, condition: Mapping[str, Any]) -> AbstractContextManager:
+        """The low-level prompt embeddings for the ControlNet's SFA blocks."""
+        if not self.uses_lowlevel_attention:
+            return nullcontext()
+        return lowlevel_prompt(self.controlnet, condition["lowlevel"].hidden_states)
+
+    def predict(
+        self, noisy_latents: Tensor, timesteps: Tensor, text: TextCondition, batch: Mapping[str, Any]
+    ) -> Tensor | Prediction:
+        """The network output; in training also the DFC heads' predictions (extras ``dfc``)."""
+        if not (self.training and self.hparams.dfc != "none"):
+            return super().predict(noisy_latents, timesteps, text, batch)
+        with degradation_free_predictions(self.controlnet) as dfc:
+            output = super().predict(noisy_latents, timesteps, text, batch)
+        return Prediction(output, {"dfc": dfc})
+
+    def auxiliary_losses(
+        self, batch: Mapping[str, Any], latents: Tensor, prediction: Prediction
+    ) -> dict[str, Tensor]:
+        """The DFC term (``dfc_weight`` x L1 of every head, summed; ``models.xpsr.degradation_free_loss``)."""
+        predictions = prediction.extras.get("dfc")
         if predictions is None:
             return {}
-        return {"dfc_loss": degradation_free_loss(predictions, batch["gt"], latents, self.hparams.dfc_weight)}
-
-    def denoise(self, latents: Tensor, t: Tensor, condition: Mapping[str, Tensor], image: Tensor) -> Tensor:
-        """ControlNet(LR image; text + low-level prompt) -> residuals -> UNet (pixel attention reads them)."""
-        with ExitStack() as stack:
-            if self.uses_lowlevel_attention:
-                stack.enter_context(lowlevel_prompt(self.controlnet, condition["lowlevel"]))
-            down, mid = self.controlnet(
-                latents,
-                t,
-                encoder_hidden_states=condition["text"],
-                controlnet_cond=image.to(latents.dtype),
-                conditioning_scale=self.hparams.conditioning_scale,
-                return_dict=False,
-            )
-        return self.prior.unet(
-            latents,
-            t,
-            encoder_hidden_states=condition["text"],
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        ).sample
+        return {"dfc": degradation_free_loss(predictions, batch["gt"], latents, self.hparams.dfc_weight)}
 
     # ------------------------------------------------------------------ inference
     def caption(self, lq: Tensor) -> list[dict[str, str]]:
-        """High- and low-level prompts of ``lq`` ``[B, 3, h, w]`` from the configured captioners (§2.4)."""
+        """High- and low-level prompts of ``lq`` ``[B, 3, h, w]`` from the configured captioners."""
         missing = [k for k in _CAPTIONERS if k not in self._captioners]
         if missing:
             raise MissingPromptsError(
                 f"XPSR needs the {'/'.join(missing)} prompt of every image: give the benchmark a prompt "
                 "side-file (benchmark.prompts=<jsonl from `python scripts/extract_prompts.py`>) or configure "
-                f"model.captioners.{missing[0]} (configs/model/captioner/) to caption on the fly"
+                f"method.captioners.{missing[0]} (configs/method/captioner/) to caption on the fly"
             )
         records: list[dict[str, str]] = [{} for _ in range(len(lq))]
         for field in _CAPTIONERS:
@@ -276,7 +257,7 @@ class XPSR(LatentDiffusionSR):
         return high, low
 
     def conditions(self, records: Sequence[Mapping[str, str]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(cond, uncond) of the sampler for one batch of prompt records (§2.6 strings)."""
+        """(cond, uncond) of the sampler for one batch of prompt records (``test.py``'s strings)."""
         high, low = self.inference_texts(records)
         added = self.inference["added_prompt"]
         n = len(records)
@@ -284,13 +265,13 @@ class XPSR(LatentDiffusionSR):
         negative = [self.inference["negative_prompt"] if use_negative else ""] * n
         low_negative = [self.inference["lowlevel_negative_prompt"] if use_negative else ""] * n
         if self.hparams.fusion == "low_only":
-            return {"text": self.encode_prompts(low)}, {"text": self.encode_prompts(low_negative)}
+            return {"text": self.prior.encode_text(low)}, {"text": self.prior.encode_text(low_negative)}
         # official: caption + " " + added prompt (the caption's stray space kept when it is empty)
-        cond = {"text": self.encode_prompts([f"{h} {added}" if added else h for h in high])}
-        uncond = {"text": self.encode_prompts(negative)}
+        cond = {"text": self.prior.encode_text([f"{h} {added}" if added else h for h in high])}
+        uncond = {"text": self.prior.encode_text(negative)}
         if self.uses_lowlevel_attention:
-            cond["lowlevel"] = self.encode_prompts(low)
-            uncond["lowlevel"] = self.encode_prompts(low_negative)
+            cond["lowlevel"] = self.prior.encode_text(low)
+            uncond["lowlevel"] = self.prior.encode_text(low_negative)
         return cond, uncond
 
     @torch.no_grad()
@@ -300,7 +281,7 @@ class XPSR(LatentDiffusionSR):
         prompts: Sequence[Mapping[str, str]] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Super-resolve ``lq`` ``[B, 3, h, w]`` in [0, 1] to ``[B, 3, scale*h, scale*w]`` (spec §2.6).
+        """Super-resolve ``lq`` ``[B, 3, h, w]`` in [0, 1] to ``[B, 3, scale*h, scale*w]`` (``test.py``).
 
         ``prompts``: one record per image with ``highlevel`` / ``lowlevel`` (a side-file entry); ``None``
         captions ``lq`` with the configured captioners (the official prompts are made from the LR).
@@ -311,9 +292,6 @@ class XPSR(LatentDiffusionSR):
             raise ValueError(f"got {len(prompts)} prompt records for {len(lq)} images")
         cond, uncond = self.conditions(prompts)
         return self.sample_restored(lq, cond, uncond, self.sampling, generator)
-
-    def forward(self, lq: Tensor) -> Tensor:
-        return self.restore(lq)
 
 
 def _resolve_preset(
@@ -342,7 +320,7 @@ def _resolve_preset(
 
 
 def load_official_xpsr(module: XPSR, folder: str | os.PathLike) -> None:
-    """Load a released XPSR folder (``runs/xpsr/checkpoint-300000/{unet,controlnet}``, spec §2.5) into
-    ``module``: the whole ControlNet (SFA + DFC heads) and the UNet's ``pixel_attentions``. The key sets must
-    equal ours exactly, which holds for the official configuration (``fusion=sfa``, ``dfc=both``, SD-1.5)."""
-    load_controlnet_release(module.controlnet, module.prior.unet, folder, PIXEL_ATTR, "XPSR")
+    """Load a released XPSR folder (``runs/xpsr/checkpoint-300000/{unet,controlnet}``) into ``module``: the
+    whole ControlNet (SFA + DFC heads) and the UNet's ``pixel_attentions``. The key sets must equal ours
+    exactly, which holds for the official configuration (``fusion=sfa``, ``dfc=both``, SD-1.5)."""
+    module.load_release(folder, PIXEL_ATTR, "XPSR")

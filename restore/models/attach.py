@@ -1,5 +1,6 @@
 """Attaching extra modules to the blocks of stock diffusers models (SeeSR's RCA, XPSR's SFA, pixel attention
-and DFC heads), so that their keys, order and settings are the official forks' (spec ``seesr_xpsr.md`` §5)."""
+and DFC heads), so that their keys, order and settings are the official forks' (``cswry/SeeSR`` and
+``qyp2000/XPSR``: ``models/unet_2d_blocks.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from diffusers import Transformer2DModel
 from torch import nn
 
-__all__ = ["like_reference", "place_after", "transformer_like"]
+__all__ = ["cross_attention_blocks", "like_reference", "place_after", "transformer_like"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -18,7 +19,7 @@ def place_after(parent: nn.Module, name: str, after: str) -> None:
     """Move child ``name`` right behind child ``after`` in registration order.
 
     The official blocks create their extra ModuleLists at given places (e.g. ``image_attentions`` after
-    ``resnets``, before the samplers; spec TSVs); matching that order makes ``state_dict()`` list the keys in
+    ``resnets``, before the samplers, in the released checkpoints); matching that order makes ``state_dict()`` list the keys in
     exactly the official order.
     """
     modules = parent._modules
@@ -28,6 +29,21 @@ def place_after(parent: nn.Module, name: str, after: str) -> None:
     for key in keys[keys.index(after) + 1 :]:
         if key != name:
             modules[key] = modules.pop(key)  # re-inserting moves it to the end
+
+
+def cross_attention_blocks(model: nn.Module, up: bool = True) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` for every block with text ``attentions``: the down blocks, the up blocks (``up``; a
+    ControlNet has none), then the mid block."""
+    lists = ("down_blocks", "up_blocks") if up else ("down_blocks",)
+    blocks: list[tuple[str, nn.Module]] = []
+    for list_name in lists:
+        for i, block in enumerate(getattr(model, list_name, None) or []):
+            if getattr(block, "attentions", None) is not None:
+                blocks.append((f"{list_name}.{i}", block))
+    mid = getattr(model, "mid_block", None)
+    if mid is not None and getattr(mid, "attentions", None) is not None:
+        blocks.append(("mid_block", mid))
+    return blocks
 
 
 def like_reference(module: ModuleT, reference: nn.Module) -> ModuleT:

@@ -11,7 +11,7 @@ image with MLLMs and stores them as plain text beside the data set:
 - low-level: Q-Instruct ``internlm-xcomposer-vl-7b-qinstruct-full`` (``trust_remote_code``), query
   ``"Describe and evaluate the quality of the image."``. That model does not run with current dependencies
   (quyp2000/XPSR#8), so here the low-level captioner is any LLaVA-1.5-class checkpoint in the
-  Hugging Face layout asked the Q-Instruct query (``configs/model/captioner/qinstruct.yaml``).
+  Hugging Face layout asked the Q-Instruct query (``configs/method/captioner/qinstruct.yaml``).
 
 :class:`MLLMCaptioner` is one model + processor + one instruction; :func:`tiny_llava` builds the same classes
 from configs in code (random weights, offline tokenizer) so tests run the real code path (processor ->

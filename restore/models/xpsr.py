@@ -1,11 +1,12 @@
 """XPSR's added modules on stock diffusers models: Semantic-Fusion Attention, Conditional (pixel) Attention and
 the Degradation-Free Constraint heads.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §2.2 (ControlNet: SFA, DFC heads), §2.3 (UNet ``pixel_attentions``),
-§2.5 (DFC loss), §5 (attribute names, init), §6 (counts); every key and shape:
-``seesr_xpsr_statedict/xpsr_{unet,controlnet}.tsv`` (checked by ``tests/test_xpsr_models.py``).
+XPSR (Qu et al., ECCV 2024); official: ``qyp2000/XPSR: models/xpsr/unet_2d_blocks.py`` (``attentions_lowlevel``,
+``attentions_connect``, ``pixel_attentions``), ``models/xpsr/controlnet.py`` (the DFC heads), ``train.py`` (the DFC
+loss). Every key, shape and their order are checked against the released ``unet/`` and ``controlnet/`` folders'
+lists by ``tests/test_xpsr_models.py``.
 
-As for SeeSR's RCA (:mod:`restore.models.rca`), the official code forks diffusers 0.21's blocks; here the modules
+As for SeeSR's RCA (:mod:`restore.models.seesr`), the official code forks diffusers 0.21's blocks; here the modules
 are attached to the stock blocks under the official attribute names (so the released ``unet/`` and
 ``controlnet/`` folders load key for key) and run from forward hooks, in the official order:
 
@@ -28,7 +29,7 @@ are attached to the stock blocks under the official attribute names (so the rele
   ``conditioning_scale``). They only run inside :func:`degradation_free_predictions` (training): inference
   output is the same with or without them, so it does not pay for them.
 
-Initialisation as the official ``from_unet`` (spec §2.2/§2.3, §5): ``attentions_lowlevel`` = copies of the
+Initialisation as the official ``from_unet``: ``attentions_lowlevel`` = copies of the
 ControlNet's text attentions (themselves copies of the prior's), ``attentions_connect`` = copies too except
 ``attn2.to_k``/``to_v`` (other width: random); ``pixel_attentions``, ``to_rgbs`` and the latent heads random
 (PyTorch default). ``zero_init=True`` on :func:`add_pixel_attention` zeroes each pixel attention's ``proj_out`` so
@@ -42,7 +43,6 @@ residuals) are gone; those blocks therefore keep their resnets un-checkpointed. 
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +54,9 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel, Transformer2DModel, UNet2DConditionModel
 from torch import Tensor, nn
 
-from restore.models.attach import like_reference, place_after, transformer_like
+from restore.models.attach import cross_attention_blocks, like_reference, place_after, transformer_like
+from restore.models.controlnet import controlnet_from_unet
+from restore.models.priors.sd import sd15_unet_config
 from restore.models.side_inputs import attach_side_input, has_side_input, provide
 
 __all__ = [
@@ -69,15 +71,15 @@ __all__ = [
     "add_pixel_attention",
     "add_semantic_fusion",
     "build_xpsr_controlnet",
+    "build_xpsr_trainable",
     "build_xpsr_unet",
     "degradation_free_loss",
     "degradation_free_predictions",
     "has_pixel_attention",
     "lowlevel_prompt",
-    "sd15_unet_config",
 ]
 
-#: Official attribute names (spec §5).
+#: Official attribute names (``models/xpsr/unet_2d_blocks.py``, ``controlnet.py``).
 LOWLEVEL_ATTR = "attentions_lowlevel"
 CONNECT_ATTR = "attentions_connect"
 PIXEL_ATTR = "pixel_attentions"
@@ -97,54 +99,12 @@ _RESIDUALS_SLOT = "controlnet_residuals"
 _DFC_SLOT = "degradation_free_predictions"
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
-# SD-1.5 UNet (runwayml/stable-diffusion-v1-5 unet/config.json; spec §2.2: attention_head_dim 8 = 8 heads
-# everywhere, cross_attention_dim 768 = CLIP ViT-L, conv 1x1 proj_in/out). With these numbers the stock model
-# has the TSV's 686 non-XPSR tensors / 859,520,964 params (spec §2.3).
-_SD15_UNET: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "use_linear_projection": False,
-    "norm_num_groups": 32,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-}
-
-
-def sd15_unet_config() -> dict[str, Any]:
-    """The SD-1.5 UNet config XPSR builds on (a fresh copy)."""
-    return copy.deepcopy(_SD15_UNET)
-
 
 class MissingLowLevelPromptError(RuntimeError):
     """A ControlNet with SFA ran without low-level prompt embeddings (call it inside :func:`lowlevel_prompt`)."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _cross_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, block) for every down block with text attentions, then the mid block (the SFA sites)."""
-    blocks = [
-        (f"down_blocks.{i}", b)
-        for i, b in enumerate(model.down_blocks)
-        if getattr(b, "attentions", None) is not None
-    ]
-    mid = getattr(model, "mid_block", None)
-    if mid is not None and getattr(mid, "attentions", None) is not None:
-        blocks.append(("mid_block", mid))
-    return blocks
-
-
 def _hidden_states_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -204,7 +164,7 @@ def has_semantic_fusion(model: nn.Module) -> bool:
 
 
 def add_semantic_fusion(controlnet: ModelT, fusion: str = "sfa") -> ModelT:
-    """Attach XPSR's low-level prompt fusion to a ControlNet (in place; spec §2.2).
+    """Attach XPSR's low-level prompt fusion to a ControlNet (in place).
 
     ``sfa``: ``attentions_lowlevel`` + ``attentions_connect`` (official); ``serial``: ``attentions_lowlevel``
     only; ``high_only`` / ``low_only``: nothing (returns the model unchanged). Call the ControlNet inside
@@ -217,7 +177,7 @@ def add_semantic_fusion(controlnet: ModelT, fusion: str = "sfa") -> ModelT:
         return controlnet
     if has_semantic_fusion(controlnet):
         raise ValueError(f"{type(controlnet).__name__} already has semantic-fusion attention")
-    blocks = _cross_attention_blocks(controlnet)
+    blocks = cross_attention_blocks(controlnet, up=False)
     if not blocks:
         raise ValueError(f"{type(controlnet).__name__} has no cross-attention blocks for semantic fusion")
     slot = attach_side_input(controlnet, _LOWLEVEL_SLOT)
@@ -324,7 +284,7 @@ def has_pixel_attention(unet: nn.Module) -> bool:
 
 
 def add_pixel_attention(unet: ModelT, zero_init: bool = False) -> ModelT:
-    """Attach XPSR's ``pixel_attentions`` (paper: Conditional Attention) to every up block (in place; §2.3).
+    """Attach XPSR's ``pixel_attentions`` (paper: Conditional Attention) to every up block (in place).
 
     One ``Transformer2DModel`` per resnet: heads of that up block, ``in_channels`` = the block's output
     channels, ``cross_attention_dim`` = the channels of the skip residual the layer consumes, one layer,
@@ -411,7 +371,7 @@ class _HeadHook:
 
 
 def add_degradation_free_heads(controlnet: ModelT, pixel: bool = True, latent: bool = True) -> ModelT:
-    """Attach XPSR's DFC heads (in place; spec §2.2): ``to_rgbs`` (``pixel``) and ``conv_degradation`` +
+    """Attach XPSR's DFC heads (in place): ``to_rgbs`` (``pixel``) and ``conv_degradation`` +
     ``conv_degradation_mid`` (``latent``). Random init. Read them with :func:`degradation_free_predictions`."""
     if not (pixel or latent):
         return controlnet
@@ -461,7 +421,7 @@ def degradation_free_predictions(controlnet: nn.Module) -> Iterator[DegradationF
 def degradation_free_loss(
     predictions: DegradationFreePredictions, gt: Tensor, gt_latents: Tensor, weight: float = 0.05
 ) -> Tensor:
-    """XPSR's DFC loss (spec §2.5): ``weight`` x L1 of every head to the bilinearly resized target, summed.
+    """XPSR's DFC loss (``train.py``): ``weight`` x L1 of every head to the bilinearly resized target, summed.
 
     RGB heads against the GT in ``[-1, 1]`` (``gt`` is given in ``[0, 1]``), latent heads against the scaled
     GT latents (the posterior sample the diffusion loss noises). Means per term, float32, as the official step.
@@ -499,23 +459,26 @@ def build_xpsr_unet(
 def build_xpsr_controlnet(
     unet: UNet2DConditionModel, fusion: str = "sfa", dfc: str = "both", **from_unet_kwargs: Any
 ) -> ControlNetModel:
-    """XPSR ControlNet from the prior UNet (same device/dtype): diffusers' ``from_unet`` copy, then SFA
-    (initialised from the copied text attentions) and the DFC heads (spec §2.2)."""
+    """XPSR ControlNet from the prior UNet (same device/dtype): the ``from_unet`` copy (the UNet's added up-block
+    modules are not copied; :func:`restore.models.controlnet.controlnet_from_unet`), then SFA (initialised from
+    the copied text attentions) and the DFC heads."""
     if dfc not in DFC_MODES:
         raise ValueError(f"dfc must be one of {DFC_MODES}, got {dfc!r}")
-    ref = unet.conv_in.weight
-    with torch.device(ref.device):
-        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False, **from_unet_kwargs)
-    if ref.dtype != torch.get_default_dtype():
-        controlnet.to(dtype=ref.dtype)
-    # diffusers' from_unet copy, done here so that it also works with the UNet's added up-block modules
-    # (from_unet copies only conv_in, the embeddings, the down blocks and the mid block, which XPSR leaves alone)
-    for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding"):
-        target = getattr(controlnet, name, None)
-        if target is not None:
-            target.load_state_dict(getattr(unet, name).state_dict())
-    controlnet.down_blocks.load_state_dict(unet.down_blocks.state_dict())
-    controlnet.mid_block.load_state_dict(unet.mid_block.state_dict())
+    controlnet = controlnet_from_unet(unet, **from_unet_kwargs)
     add_semantic_fusion(controlnet, fusion)
     add_degradation_free_heads(controlnet, pixel=dfc in ("both", "pixel"), latent=dfc in ("both", "latent"))
     return controlnet
+
+
+def build_xpsr_trainable(
+    unet: UNet2DConditionModel,
+    fusion: str = "sfa",
+    dfc: str = "both",
+    pixel_attention_zero_init: bool = False,
+    **controlnet: Any,
+) -> nn.ModuleDict:
+    """XPSR's trainable modules on a prior UNet: ``pixel_attentions`` attached to the UNet (in place; they train)
+    unless already there, and the SFA + DFC ControlNet copied from it, as ``{"controlnet": ...}``."""
+    if not has_pixel_attention(unet):
+        add_pixel_attention(unet, zero_init=pixel_attention_zero_init)
+    return nn.ModuleDict({"controlnet": build_xpsr_controlnet(unet, fusion, dfc, **controlnet)})

@@ -1,17 +1,19 @@
 """Classifier-free guidance (CFG) on a doubled ``[uncond, cond]`` batch.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("CFG": batch ``[uncond, cond]``, uncond = negative prompt,
-``eps = eps_u + s (eps_c - eps_u)``; SeeSR 5.5, XPSR 4.5) and ``dreamclear_supir_stablesr.md`` §1.8 step 6
-(DreamClear guides only the first 3 of the 4 latent channels; the rest come from the conditional half).
+As the official pipelines (``cswry/SeeSR: pipelines/pipeline_seesr.py``): batch ``[uncond, cond]``, uncond = the
+negative prompt, ``eps = eps_u + s (eps_c - eps_u)`` (SeeSR 5.5, XPSR 4.5). DreamClear's DiT guides only the first
+3 of the 4 latent channels, the rest come from the conditional half (``shallowdream204/DreamClear:
+diffusion/model/nets/pixart_controlnet.py`` ``forward_with_cfg``, inherited from DiT).
 
 The denoiser is a generic callable ``denoise(latents_2b, t, cond_2b) -> eps_2b``; ``cond`` may be a tensor or a
-nested dict/list/tuple of tensors (text embeddings, RAM tokens, the LR image, ...). Tensors are concatenated
-``[uncond, cond]`` along the batch dimension; any other leaf (``None``, numbers, strings) must be equal in both
-and is passed through once.
+nested dict/list/tuple/dataclass of tensors (text conditions, RAM tokens, the LR image, ...). Tensors are
+concatenated ``[uncond, cond]`` along the batch dimension; any other leaf (``None``, numbers, strings) must be
+equal in both and is passed through once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,7 +34,7 @@ def classifier_free_guidance(
     if eps_uncond.shape != eps_cond.shape:
         raise ValueError(f"shape mismatch: {tuple(eps_uncond.shape)} vs {tuple(eps_cond.shape)}")
     guided = eps_uncond + scale * (eps_cond - eps_uncond)
-    if guided_channels is None:
+    if guided_channels is None or guided_channels >= guided.shape[1]:
         return guided
     return torch.cat([guided[:, :guided_channels], eps_cond[:, guided_channels:]], dim=1)
 
@@ -43,6 +45,14 @@ def concat_conditions(uncond: Any, cond: Any) -> Any:
         if not isinstance(uncond, Tensor):
             raise TypeError(f"cond is a tensor but uncond is {type(uncond).__name__}")
         return torch.cat([uncond, cond], dim=0)
+    if dataclasses.is_dataclass(cond) and not isinstance(cond, type):  # e.g. a TextCondition
+        if type(uncond) is not type(cond):
+            raise TypeError(f"cond is a {type(cond).__name__} but uncond is {type(uncond).__name__}")
+        fields = {
+            f.name: concat_conditions(getattr(uncond, f.name), getattr(cond, f.name))
+            for f in dataclasses.fields(cond)
+        }
+        return dataclasses.replace(cond, **fields)
     if isinstance(cond, Mapping):
         if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
             raise ValueError("uncond and cond must be mappings with the same keys")

@@ -1,8 +1,8 @@
 """LR-embedding (LRE) start: begin sampling from the noised latent of the LR image instead of pure noise.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("LRE start", SeeSR paper §3.4) and §2.6 (XPSR start latent);
-``dreamclear_supir_stablesr.md`` §1.8 step 4 (DreamClear ``--lre``, reference = SwinIR latent) and §3.5
-(StableSR, t=999). SUPIR starts from pure noise and does not use this module.
+SeeSR (Wu et al., CVPR 2024) calls it the LR embedding (``cswry/SeeSR: pipelines/pipeline_seesr.py``); XPSR
+(``qyp2000/XPSR: test.py``) noises twice; DreamClear (``--lre``, from its SwinIR reference latent) and StableSR
+(t=999) start the same way. SUPIR starts from pure noise.
 
 - SeeSR: ``z = vae.encode(2*LR - 1).sample() * 0.18215``; ``x_T = add_noise(z, eps, t=999)``
   (``= 0.0683 z + 0.9977 eps`` for SD's scaled-linear betas) and the loop skips scheduler steps with
@@ -82,7 +82,7 @@ def double_noised_start(
 
     The two noise tensors are drawn from ``generator`` in that order. With XPSR's settings (``t1`` = first of
     20 leading steps = 951, ``t2`` = 800) the result is ``0.0173 z`` plus noise of std ~0.9999; the caller
-    still starts denoising at ``t1`` (spec §2.6).
+    still starts denoising at ``t1`` (``qyp2000/XPSR: test.py``).
     """
     once = noised_start(scheduler, latent, t1, generator)
     return noised_start(scheduler, once, t2, generator)

@@ -1,59 +1,53 @@
-"""The sampling loop of the ControlNet-style latent SR methods (SeeSR, XPSR): method-agnostic.
+"""The sampling loop of the latent diffusion SR methods: method-agnostic, stepper-agnostic.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 (SeeSR ``test_seesr.py`` + ``pipeline_seesr.py``: defaults and order
-of operations), §2.6 (XPSR ``test.py``: the options a second method needs), §6 (timesteps, sqrt(alpha_bar)).
+The split: a method supplies ``denoise(latents, t, condition, spatial)`` (its networks on a latent tile; ``spatial``
+holds the tile's crops of the named spatial conditions) and a :class:`SamplingInputs` (conditions, spatial
+conditions, the start and colour references, the decoder, which latent channels CFG guides); the settings choose
+the stepper (:mod:`restore.sampling.steppers`: diffusers schedulers, respaced iDDPM, EDM); this module owns the
+start latent, the latent tiling, classifier-free guidance, the (tiled) VAE and the colour fix.
 
-The split: a method supplies ``denoise(latents, t, condition, image)`` (its ControlNet + UNet on a latent tile)
-and the condition structures (text embeddings, RAM tokens, ...); this module owns the scheduler, the start
-latent, the latent tiling, classifier-free guidance, the (tiled) VAE and the colour fix. Order of operations,
-as the official scripts (:func:`super_resolve` runs all of it):
+Order of operations (SeeSR's ``test_seesr.py`` / ``pipeline_seesr.py``, which the other methods follow):
 
-1. :func:`upscale_for_sampling`: an LR whose short side is below ``process_size // upscale`` is first resized
-   so that its short side equals that; then it is resized x ``upscale``; then resized to the largest multiple
-   of 8 below (a resample, not a crop). The result ``lr_up`` in ``[0, 1]`` is both the ControlNet's image and
-   the colour reference.
-2. :func:`sample` on ``lr_up``:
+1. the start latent: ``start_reference`` (an image in [0, 1], e.g. SeeSR's upscaled LR, DreamClear's reference
+   restoration) encoded by the VAE (a posterior sample, or its mode with ``start_encoding="mode"``) and noised to
+   ``start_timestep`` by the stepper (``start="lr"``; XPSR's double noising ``"lr_double"``), or pure noise
+   (``start="noise"``, SUPIR);
+2. every step: the stepper's model input; the latent is cut into tiles (SeeSR's area rule, Gaussian blend; one
+   tile when it fits), each tile with its crops of the spatial conditions goes through CFG (``denoise`` on the
+   doubled ``[uncond, cond]`` batch; only ``guided_channels`` are guided, the rest come from the conditional
+   half; learned-variance channels are never guided), the blended output drives the stepper on the full latent;
+3. decode (``inputs.decode``, default the VAE, tiled with GroupNorm sync and bypassed when the latent fits one
+   tile) to [0, 1] and colour fix against ``color_reference`` (AdaIN by default).
 
-   a. a fresh sampling scheduler (:func:`build_scheduler`, from the prior's scheduler config) with
-      ``num_steps`` steps; steps with ``t > start_timestep`` are skipped;
-   b. the start latent (:func:`start_latents`): ``lr`` = the LR latent noised to ``start_timestep`` (SeeSR's
-      LRE, t=999), ``lr_double`` = noised to the first step run and again to ``second_timestep`` (XPSR,
-      951 -> 800), ``noise`` = pure noise;
-   c. every step: the latent is cut into tiles (SeeSR's area rule, Gaussian blend; one tile when it fits),
-      each tile with its 8x crop of ``lr_up`` goes through CFG (``denoise`` on the doubled
-      ``[uncond, cond]`` batch), the blended prediction drives ``scheduler.step`` on the full latent;
-   d. decode (tiled VAE with GroupNorm sync, bypassed when the latent fits one tile) to ``[0, 1]`` and colour
-      fix against ``lr_up`` (AdaIN by default).
-
-3. :func:`resize_bicubic` to ``(h * upscale, w * upscale)``.
+:func:`upscale_for_sampling` and :func:`super_resolve` give SeeSR's resize rules around this (the LR resized so
+that its short side reaches ``process_size / upscale``, x upscale, snapped to multiples of 8; the result resized
+back to exactly ``upscale`` x the input).
 
 Randomness comes from one generator (``settings.seed`` when none is passed), drawn in this order: the VAE
-posterior sample, the start noise (twice for ``lr_double``), then the scheduler's per-step noise (DDPM). The
-official SeeSR script samples the posterior without its generator; the draws (and so the bits) of the official
-scripts are not reproduced, only the distributions.
+posterior sample, the start noise (twice for ``lr_double``), then the stepper's per-step noise. The official
+scripts' draws (and so their bits) are not reproduced, only the distributions.
 
-Numerics: the latent and the scheduler arithmetic stay in float32 whatever the networks run in (the model
-output is cast to it before each step); the decoded image and the colour fix are float32.
+Numerics: the latent and the stepper arithmetic stay in float32 whatever the networks run in (the model output is
+cast to it before each step); the decoded image and the colour fix are float32.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from restore.sampling.color_fix import adain_color_fix, wavelet_color_fix
 from restore.sampling.guidance import cfg_denoise
-from restore.sampling.lre import double_noised_start, encode_lr_latent, noised_start, start_timestep_index
+from restore.sampling.lre import encode_lr_latent
+from restore.sampling.steppers import DIFFUSERS_SCHEDULERS, STEPPERS, build_scheduler, build_stepper
 from restore.sampling.tiled_vae import TiledAutoencoderKL
 from restore.sampling.tiling import area_exceeds_tile, tiled_apply
 
@@ -62,27 +56,25 @@ __all__ = [
     "SCHEDULERS",
     "STARTS",
     "Denoiser",
+    "SamplingInputs",
     "SamplingSettings",
     "apply_color_fix",
     "build_scheduler",
     "decode_latents",
     "resize_bicubic",
     "sample",
-    "start_latents",
     "super_resolve",
     "upscale_for_sampling",
 ]
 
-#: Sampler name -> (diffusers class, fixed overrides). ``dpmsolver++`` is DPM-Solver++ multistep.
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
-#: Start latents: SeeSR's LRE (``lr``), XPSR's double noising (``lr_double``), pure noise (``noise``).
+#: ``SamplingSettings.scheduler`` choices: the diffusers schedulers, ``iddpm`` and ``edm``.
+SCHEDULERS = STEPPERS
+#: Start latents: the noised reference latent (``lr``, SeeSR's LRE), XPSR's double noising (``lr_double``),
+#: pure noise (``noise``).
 STARTS = ("lr", "lr_double", "noise")
-#: Colour fixes against ``lr_up`` (SeeSR ``--align_method``: adain | wavelet | nofix).
+#: How the start reference is encoded: a posterior sample (SeeSR, XPSR) or the mode (DreamClear).
+START_ENCODINGS = ("sample", "mode")
+#: Colour fixes against the colour reference (SeeSR ``--align_method``: adain | wavelet | nofix).
 COLOR_FIXES = ("adain", "wavelet", "none")
 
 
@@ -93,50 +85,71 @@ def _check_choice(key: str, value: str, choices: Any) -> None:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Sampling options; every default is SeeSR's official test default (spec §1.7).
+    """Sampling options; every default is SeeSR's official test default (``cswry/SeeSR: test_seesr.py``).
 
-    XPSR (spec §2.6): ``num_steps=20, guidance_scale=4.5, start="lr_double", second_timestep=800,
-    latent_tile=320, latent_tile_overlap=8`` (the rest as here).
+    XPSR (``qyp2000/XPSR: configs/xpsr_test.yaml``): ``num_steps=20, guidance_scale=4.5, start="lr_double",
+    second_timestep=800, latent_tile=320, latent_tile_overlap=8``. DreamClear: ``scheduler="iddpm",
+    num_steps=50, guidance_scale=4.5, start_encoding="mode"``. SUPIR: ``scheduler="edm"`` with the EDM fields.
     """
 
-    #: ``ddpm`` | ``ddim`` | ``dpmsolver++`` | ``unipc``; built from the prior's scheduler config (SeeSR: DDPM).
+    #: stepper: ``ddpm`` | ``ddim`` | ``dpmsolver++`` | ``unipc`` (diffusers, from the prior's scheduler config;
+    #: SeeSR: DDPM) | ``iddpm`` (respaced, learned variance) | ``edm`` (Euler with churn, SUPIR)
     scheduler: str = "ddpm"
-    #: ``--num_inference_steps 50``: DDPM "leading" t = 981, 961, ..., 1.
+    #: ``--num_inference_steps 50``: DDPM "leading" t = 981, 961, ..., 1
     num_steps: int = 50
-    #: ``--guidance_scale 5.5``; 1.0 runs the conditional batch only.
+    #: ``--guidance_scale 5.5``; 1.0 runs the conditional batch only
     guidance_scale: float = 5.5
-    #: ``--start_point lr`` (LRE); ``lr_double`` = XPSR; ``noise`` = pure noise.
+    #: ``--start_point lr`` (LRE); ``lr_double`` = XPSR; ``noise`` = pure noise
     start: str = "lr"
-    #: pipeline default 999 (``--start_steps`` is not passed through): ``lr`` noises to it; steps above skip.
+    #: pipeline default 999 (``--start_steps`` is not passed through): ``lr`` noises to it; steps above skip
     start_timestep: int = 999
-    #: ``lr_double`` only: the second noise level (XPSR ``added_noise_level`` 800); ignored otherwise.
+    #: ``lr_double`` only: the second noise level (XPSR ``added_noise_level`` 800); ignored otherwise
     second_timestep: int | None = None
-    #: ``--align_method adain``; ``wavelet`` | ``none``.
+    #: ``sample`` (a VAE posterior draw, SeeSR) | ``mode`` (DreamClear) for the start reference's latent
+    start_encoding: str = "sample"
+    #: ``--align_method adain``; ``wavelet`` | ``none``
     color_fix: str = "adain"
-    #: ``--latent_tiled_size 96`` / ``--latent_tiled_overlap 4`` (latent px; tiles when h * w > tile**2).
+    #: ``--latent_tiled_size 96`` / ``--latent_tiled_overlap 4`` (latent px; tiles when h * w > tile**2)
     latent_tile: int = 96
     latent_tile_overlap: int = 4
-    #: ``--vae_encoder_tiled_size 1024`` (px) / ``--vae_decoder_tiled_size 224`` (latent px).
+    #: ``--vae_encoder_tiled_size 1024`` (px) / ``--vae_decoder_tiled_size 224`` (latent px)
     vae_encoder_tile: int = 1024
     vae_decoder_tile: int = 224
-    #: ``--process_size 512`` / ``--upscale 4`` (see :func:`upscale_for_sampling`).
+    #: ``--process_size 512`` / ``--upscale 4`` (see :func:`upscale_for_sampling`)
     process_size: int = 512
     upscale: int = 4
-    #: SD's scheduler configs give "leading" (``None`` keeps whatever the prior's config says).
+    #: diffusers steppers: SD's scheduler configs give "leading" (``None`` keeps the prior config's)
     timestep_spacing: str | None = "leading"
-    #: seed of the generator when :func:`sample` gets none (official: None = unseeded).
+    #: ``edm`` only: churn (SUPIR ``s_churn`` 5), its noise scale (``s_noise`` 1.01) and sigma range
+    s_churn: float = 0.0
+    s_noise: float = 1.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    #: ``edm`` only: the CFG scale at sigma_max, ramped linearly to ``guidance_scale`` at sigma 0 (SUPIR
+    #: ``spt_linear_CFG``); ``None`` = a constant scale
+    guidance_scale_start: float | None = None
+    #: ``edm`` only: restoration guidance strength tau (SUPIR ``s_stage1``; <= 0 = off) and the sigma_next
+    #: below which it stops (``restore_cfg_s_tmin`` 0.05)
+    restoration_guidance: float = 0.0
+    restoration_guidance_min_sigma: float = 0.05
+    #: seed of the generator when :func:`sample` gets none (official: None = unseeded)
     seed: int | None = None
-    #: tqdm bar over the steps (not an official option).
+    #: tqdm bar over the steps (not an official option)
     progress: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("start", self.start, STARTS)
+        _check_choice("start_encoding", self.start_encoding, START_ENCODINGS)
         _check_choice("color_fix", self.color_fix, COLOR_FIXES)
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.start == "lr_double" and self.second_timestep is None:
             raise ValueError("start='lr_double' needs second_timestep (XPSR: 800)")
+        if self.start == "lr_double" and self.scheduler not in DIFFUSERS_SCHEDULERS:
+            raise ValueError(
+                f"start='lr_double' is XPSR's start for the diffusers schedulers, not {self.scheduler}"
+            )
         if self.latent_tile_overlap >= self.latent_tile:
             raise ValueError(f"latent_tile_overlap ({self.latent_tile_overlap}) must be < latent_tile")
         if self.upscale < 1:
@@ -144,14 +157,53 @@ class SamplingSettings:
 
 
 class Denoiser(Protocol):
-    """The method's model call: output (eps or v) for latent tile(s) ``latents`` ``[n, 4, h, w]``.
+    """The method's model call: the network output for latent tile(s) ``latents`` ``[n, C, h, w]``.
 
-    ``condition`` is the method's ``cond`` (or, under CFG, ``concat_conditions(uncond, cond)``: batch
-    ``[uncond, cond]``); ``image`` is the matching crop of ``lr_up`` in ``[0, 1]``, ``[n, 3, 8h, 8w]``
-    (doubled under CFG); ``t`` a 0-d timestep tensor.
+    ``condition`` is the method's ``cond`` (or, under CFG, ``uncond`` and ``cond`` concatenated: batch
+    ``[uncond, cond]``); ``spatial`` holds the matching crops of the spatial conditions (doubled under CFG);
+    ``t`` is the stepper's network timestep (a 0-d tensor).
     """
 
-    def __call__(self, latents: Tensor, t: Tensor, condition: Any, image: Tensor) -> Tensor: ...
+    def __call__(
+        self, latents: Tensor, t: Tensor, condition: Any, spatial: Mapping[str, Tensor]
+    ) -> Tensor: ...
+
+
+@dataclass
+class SamplingInputs:
+    """What a method hands the loop for one batch (see the module doc).
+
+    ``spatial``: named conditions at any integer multiple of the latent size (an LR image at 8x, a latent at
+    1x), each cropped per tile. ``start_reference`` / ``color_reference``: images in [0, 1] at the output size
+    (``None``: pure-noise start / no colour fix). ``decode``: scaled latents -> image in [0, 1] (default: the
+    prior's VAE). ``guidance_reference``: the latent of EDM's restoration guidance. ``guided_channels``: CFG on
+    channels ``[:k]`` only (DreamClear's DiT: 3). ``image_size`` / ``batch_size``: the output's, when no
+    reference image gives them.
+    """
+
+    cond: Any
+    uncond: Any = None
+    spatial: Mapping[str, Tensor] = field(default_factory=dict)
+    start_reference: Tensor | None = None
+    color_reference: Tensor | None = None
+    decode: Callable[[Tensor], Tensor] | None = None
+    guidance_reference: Tensor | None = None
+    guided_channels: int | None = None
+    image_size: tuple[int, int] | None = None
+    batch_size: int | None = None
+
+    def output_shape(self) -> tuple[int, int, int]:
+        """``(batch, H, W)`` of the restored images."""
+        for image in (self.start_reference, self.color_reference):
+            if image is not None:
+                if image.ndim != 4 or image.shape[1] != 3:
+                    raise ValueError(f"reference images must be (B, 3, H, W), got {tuple(image.shape)}")
+                return int(image.shape[0]), int(image.shape[-2]), int(image.shape[-1])
+        if self.image_size is None or self.batch_size is None:
+            raise ValueError(
+                "SamplingInputs needs a start/colour reference image or image_size and batch_size"
+            )
+        return int(self.batch_size), int(self.image_size[0]), int(self.image_size[1])
 
 
 # ------------------------------------------------------------------------------------------------- resizing
@@ -175,7 +227,7 @@ def upscale_for_sampling(
 ) -> tuple[Tensor, tuple[int, int]]:
     """The condition image ``lr_up`` for an LR batch ``lq`` ``(B, 3, h, w)`` and the final size ``(h*s, w*s)``.
 
-    As ``test_seesr.py`` (spec §1.7): if either side is below ``process_size // scale`` the LR is resized by
+    As ``cswry/SeeSR: test_seesr.py``: if either side is below ``process_size // scale`` the LR is resized by
     ``r = (process_size // scale) / min(h, w)`` to ``(int(r h), int(r w))``; then resized x ``scale``; then to
     ``(H // 8 * 8, W // 8 * 8)``; each a PIL-bicubic resize (:func:`resize_bicubic`). E.g. 50x70 -> 128x179
     -> 512x716 -> 512x712; 128x200 -> 512x800.
@@ -193,30 +245,6 @@ def upscale_for_sampling(
     if min(target) == 0:
         raise ValueError(f"LR {h}x{w} x{scale} is smaller than 8 px on a side; raise process_size")
     return resize_bicubic(x, target), (h * scale, w * scale)
-
-
-# ------------------------------------------------------------------------------------------------ scheduler
-def _config_of(scheduler: Any) -> Mapping[str, Any]:
-    return scheduler.config if hasattr(scheduler, "config") else scheduler
-
-
-def build_scheduler(name: str, scheduler: Any, timestep_spacing: str | None = "leading") -> Any:
-    """A fresh ``name`` scheduler from ``scheduler`` (the prior's scheduler or its config).
-
-    Fresh per call: multistep solvers keep per-run state. ``timestep_spacing=None`` keeps the config's. Note
-    that diffusers' "leading" differs between classes: DDPM/DDIM 20 steps = 951 ... 1, DPM-Solver/UniPC
-    941 ... 48.
-    """
-    _check_choice("scheduler", name, SCHEDULERS)
-    cls, fixed = SCHEDULERS[name]
-    overrides = dict(fixed)
-    if timestep_spacing is not None:
-        overrides["timestep_spacing"] = timestep_spacing
-    return cls.from_config(_config_of(scheduler), **overrides)
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
 
 
 # --------------------------------------------------------------------------------------------------- VAE
@@ -251,126 +279,106 @@ def apply_color_fix(image: Tensor, reference: Tensor, method: str) -> Tensor:
     return adain_color_fix(image, ref) if method == "adain" else wavelet_color_fix(image, ref)
 
 
-# ------------------------------------------------------------------------------------------------- start
-def start_latents(
-    vae: Any,
-    lr_up: Tensor,
-    scheduler: Any,
-    first_timestep: int,
-    settings: SamplingSettings,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The float32 start latent for ``settings.start`` (spec §1.7 "LRE start", §2.6 "Start latent").
-
-    ``scheduler`` is the sampling scheduler (for ``init_noise_sigma``); noising always uses DDPM's
-    ``add_noise`` on the same config, i.e. ``sqrt(a_t) z + sqrt(1 - a_t) eps`` at any t (the multistep
-    solvers' ``add_noise`` only knows their own timesteps). ``first_timestep`` is the first step that runs
-    (XPSR's t1).
-    """
-    if settings.start == "noise":
-        f = _vae_factor(vae)
-        shape = (lr_up.shape[0], vae.config.latent_channels, lr_up.shape[-2] // f, lr_up.shape[-1] // f)
-        noise = randn_tensor(shape, generator=generator, device=lr_up.device, dtype=torch.float32)
-        return noise * scheduler.init_noise_sigma
-    forward = DDPMScheduler.from_config(_config_of(scheduler))
-    num_train = int(forward.config.num_train_timesteps)
-    for key in ("start_timestep", "second_timestep"):
-        t = getattr(settings, key)
-        if t is not None and not 0 <= t < num_train:
-            raise ValueError(f"{key}={t} is outside the prior's timesteps 0..{num_train - 1}")
-    latent = encode_lr_latent(vae, lr_up, generator).float()
-    if settings.start == "lr":
-        return noised_start(forward, latent, settings.start_timestep, generator)
-    assert settings.second_timestep is not None  # checked by SamplingSettings
-    return double_noised_start(forward, latent, first_timestep, settings.second_timestep, generator)
-
-
 # ------------------------------------------------------------------------------------------------- sample
 def _guided_tile(
     latent_tile: Tensor,
-    image: Tensor,
     *,
     denoise: Denoiser,
     t: Tensor,
     cond: Any,
     uncond: Any,
     scale: float,
+    guided_channels: int | None,
+    **spatial: Tensor,
 ) -> Tensor:
-    # CFG per tile, as the official pipeline: the LR crop rides along with the condition, so it is doubled
-    # with the batch (the ControlNet sees the same LR for both halves, spec §1.7 "CFG").
-    def call(latents: Tensor, timestep: Tensor, pair: tuple[Any, Tensor]) -> Tensor:
+    # CFG per tile, as the official pipelines: the spatial crops ride along with the condition, so they are
+    # doubled with the batch (the ControlNet sees the same LR for both halves)
+    def call(latents: Tensor, timestep: Tensor, pair: tuple[Any, Mapping[str, Tensor]]) -> Tensor:
         return denoise(latents, timestep, pair[0], pair[1])
 
-    un = None if uncond is None else (uncond, image)
-    return cfg_denoise(call, latent_tile, t, (cond, image), un, scale)
+    un = None if uncond is None else (uncond, spatial)
+    return cfg_denoise(call, latent_tile, t, (cond, spatial), un, scale, guided_channels)
 
 
 @torch.no_grad()
 def sample(
     denoise: Denoiser,
-    cond: Any,
-    uncond: Any,
-    lr_up: Tensor,
+    inputs: SamplingInputs,
     vae: Any,
     scheduler: Any,
     settings: SamplingSettings | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Restore ``lr_up`` ``(B, 3, H, W)`` in ``[0, 1]`` (H, W multiples of 8): image ``(B, 3, H, W)`` in ``[0, 1]``.
+    """Restore one batch: images ``(B, 3, H, W)`` in ``[0, 1]`` (H, W multiples of the VAE's factor).
 
-    ``cond``/``uncond``: the method's condition structures (batch B; ``uncond`` may be ``None`` only at
-    ``guidance_scale == 1``). ``vae``: the prior's ``AutoencoderKL`` (wrapped in a :class:`TiledAutoencoderKL`
-    with the settings' tiles; pass a wrapper to choose other tiling). ``scheduler``: the prior's scheduler or
-    its config (a fresh one of ``settings.scheduler`` is built from it). ``generator``: default a CPU
-    generator seeded with ``settings.seed``. The output is colour-fixed against ``lr_up``; see the module doc
-    for the order of operations.
+    ``vae``: the prior's ``AutoencoderKL`` (wrapped in a :class:`TiledAutoencoderKL` with the settings' tiles;
+    pass a wrapper to choose other tiling). ``scheduler``: the prior's training scheduler or its config (the
+    stepper is built from it). ``generator``: default a CPU generator seeded with ``settings.seed``. See the
+    module doc for the order of operations.
     """
     settings = settings or SamplingSettings()
-    if settings.guidance_scale != 1.0 and uncond is None:
+    if settings.guidance_scale != 1.0 and inputs.uncond is None:
         raise ValueError(f"guidance_scale={settings.guidance_scale} needs an uncond (negative) condition")
-    if lr_up.ndim != 4 or lr_up.shape[1] != 3:
-        raise ValueError(f"lr_up must be (B, 3, H, W), got {tuple(lr_up.shape)}")
+    batch, height, width = inputs.output_shape()
     vae = _tiled_vae(vae, settings)
     factor = _vae_factor(vae)
-    if lr_up.shape[-2] % factor or lr_up.shape[-1] % factor:
+    if height % factor or width % factor:
         raise ValueError(
-            f"lr_up size {tuple(lr_up.shape[-2:])} is not a multiple of {factor}; use upscale_for_sampling"
+            f"image size {(height, width)} is not a multiple of {factor}; use upscale_for_sampling"
         )
     if generator is None and settings.seed is not None:
         generator = torch.Generator().manual_seed(settings.seed)
+    device = next(
+        (
+            x.device
+            for x in (inputs.start_reference, inputs.color_reference, *inputs.spatial.values())
+            if x is not None
+        ),
+        torch.device("cpu"),
+    )
 
-    sampler = build_scheduler(settings.scheduler, scheduler, settings.timestep_spacing)
-    sampler.set_timesteps(settings.num_steps, device=lr_up.device)
-    first = start_timestep_index(sampler, settings.start_timestep)
-    if first and hasattr(sampler, "set_begin_index"):  # multistep solvers index their sigmas from here
-        sampler.set_begin_index(first * sampler.order)
-    timesteps = sampler.timesteps[first:]
-    latents = start_latents(vae, lr_up, sampler, int(timesteps[0]), settings, generator)
-    step_kwargs = {"generator": generator} if _accepts(sampler.step, "generator") else {}
+    stepper = build_stepper(settings, scheduler, device, inputs.guidance_reference)
+    shape = (batch, int(vae.config.latent_channels), height // factor, width // factor)
+    reference = None
+    if settings.start != "noise":
+        if inputs.start_reference is None:
+            raise ValueError(f"start={settings.start!r} needs a start reference image (or start='noise')")
+        reference = encode_lr_latent(
+            vae, inputs.start_reference, generator, sample=settings.start_encoding == "sample"
+        ).float()
+    latents = stepper.start(reference, shape, generator, device)
+    guided_channels = inputs.guided_channels
+    if guided_channels is None:
+        guided_channels = shape[1]  # learned-variance channels (if any) are never guided
 
-    for t in tqdm(timesteps, desc="sampling", unit="step", leave=False, disable=not settings.progress):
-        model_input = sampler.scale_model_input(latents, t)
+    for i in tqdm(
+        range(stepper.num_steps), desc="sampling", unit="step", leave=False, disable=not settings.progress
+    ):
+        model_input, t = stepper.model_input(latents, i, generator)
         tile_fn = partial(
             _guided_tile,
             denoise=denoise,
             t=t,
-            cond=cond,
-            uncond=uncond,
-            scale=settings.guidance_scale,
+            cond=inputs.cond,
+            uncond=inputs.uncond,
+            scale=stepper.guidance_scale(i, settings.guidance_scale),
+            guided_channels=guided_channels,
         )
-        pred = tiled_apply(
+        output = tiled_apply(
             tile_fn,
             model_input,
             settings.latent_tile,
             settings.latent_tile_overlap,
             weights="gaussian",
-            crop_conditions={"image": lr_up},
+            crop_conditions=inputs.spatial,
             needs_tiling=area_exceeds_tile,
         )
-        latents = sampler.step(pred.to(latents.dtype), t, latents, return_dict=False, **step_kwargs)[0]
+        latents = stepper.step(output.to(latents.dtype), i, latents, generator)
 
-    image = decode_latents(vae, latents)
-    return apply_color_fix(image, lr_up.float(), settings.color_fix)
+    image = inputs.decode(latents) if inputs.decode is not None else decode_latents(vae, latents)
+    if inputs.color_reference is None:
+        return image
+    return apply_color_fix(image, inputs.color_reference.float(), settings.color_fix)
 
 
 def super_resolve(
@@ -383,12 +391,15 @@ def super_resolve(
     settings: SamplingSettings | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The whole official test path for an LR batch ``lq`` ``(B, 3, h, w)`` in ``[0, 1]``: ``(B, 3, h*s, w*s)``.
+    """SeeSR's whole test path for an LR batch ``lq`` ``(B, 3, h, w)`` in ``[0, 1]``: ``(B, 3, h*s, w*s)``.
 
-    :func:`upscale_for_sampling` -> :func:`sample` -> :func:`resize_bicubic` to ``(h * s, w * s)`` with
-    ``s = settings.upscale`` (spec §1.7: the colour fix happens before that final resize).
+    :func:`upscale_for_sampling` -> :func:`sample` with ``lr_up`` as the spatial condition ``image``, the start
+    and the colour reference -> :func:`resize_bicubic` to ``(h * s, w * s)`` with ``s = settings.upscale`` (the
+    colour fix happens before that final resize, as in ``test_seesr.py``).
     """
     settings = settings or SamplingSettings()
     lr_up, size = upscale_for_sampling(lq, settings.upscale, settings.process_size)
-    image = sample(denoise, cond, uncond, lr_up, vae, scheduler, settings, generator)
-    return resize_bicubic(image, size)
+    inputs = SamplingInputs(
+        cond, uncond, spatial={"image": lr_up}, start_reference=lr_up, color_reference=lr_up
+    )
+    return resize_bicubic(sample(denoise, inputs, vae, scheduler, settings, generator), size)

@@ -1,7 +1,8 @@
 """Latent tiling: run a denoiser on overlapping latent tiles and blend the predictions with Gaussian weights.
 
-Spec: ``../shared/specs/seesr_xpsr.md`` §1.7 ("Latent tiling") and ``dreamclear_supir_stablesr.md`` §3.6
-(StableSR canvas), §1.8 step 7 (DreamClear), §5 (shared Gaussian weights, from mixture-of-diffusers).
+As ``cswry/SeeSR: pipelines/pipeline_seesr.py``; StableSR's canvas (``IceClear/StableSR: ldm/models/diffusion/
+ddpm.py`` ``p_mean_variance_canvas``), DreamClear's ``forward_with_cfg_tile`` and SUPIR's tiled sampler use the same
+Gaussian weights, which come from albarji/mixture-of-diffusers.
 
 SeeSR's rule, the default here:
 
@@ -61,7 +62,7 @@ def gaussian_tile_weights(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``(h, w)`` blending window ``outer(wy, wx)`` in normalised coordinates (spec §5).
+    """``(h, w)`` blending window ``outer(wy, wx)`` in normalised coordinates (mixture-of-diffusers).
 
     ``wx(i) = exp(-((i - (w - 1) / 2) / w)**2 / (2 var)) / sqrt(2 pi var)``, ``wy(j)`` likewise but centred at
     ``h / 2``, not ``(h - 1) / 2``: the official code (mixture-of-diffusers, copied by SeeSR, StableSR,
