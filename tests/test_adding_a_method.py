@@ -83,3 +83,7 @@ def test_toy_method_trains_and_evaluates_on_every_prior(prior: str, tmp_path: Pa
     assert doc["method"] == "toy_concat" and doc["num_scored"] == 8
     assert all(math.isfinite(doc["aggregate"][m]) for m in ("psnr", "ssim"))
     assert doc["settings"]["method"]["_target_"] == "toy_method.LRConcatAdaptor"
+    # a tiny random prior's images are noise by design: the table says so next to the column
+    assert doc["note"].startswith("tiny random prior")
+    table = (results.parent / "table.md").read_text()
+    assert "toy_concat‡" in table and "‡ toy_concat: tiny random prior" in table

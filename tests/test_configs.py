@@ -276,3 +276,17 @@ def test_slurm_launcher_config(tmp_path: Path) -> None:
     assert {"export WANDB_MODE=offline", "export HF_HUB_OFFLINE=1"} <= set(launcher.setup)
     local = compose_config("train", ["hydra/launcher=local"], tmp_path, hydra_cfg=True)
     assert local.hydra.launcher._target_.endswith("BasicLauncher")
+
+
+@pytest.mark.parametrize("prior", options("method/prior"))
+def test_prior_config_builds_or_names_the_missing_weights(prior: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: the real priors are not here
+    cfg = OmegaConf.load(CONFIG_DIR / "method" / "prior" / f"{prior}.yaml")
+    if prior.startswith("tiny"):
+        built = instantiate(cfg)
+        assert built.source is None and built.encode_text(["a cat"]).hidden_states.shape[0] == 1
+        return
+    with pytest.raises(Exception, match="huggingface-cli download " + str(cfg.path_or_hub_id)) as err:
+        instantiate(cfg)
+    cause = err.value if err.value.__cause__ is None else err.value.__cause__  # Hydra wraps errors
+    assert isinstance(cause, PriorNotFoundError), repr(err.value)

@@ -306,3 +306,23 @@ def test_make_table_cli_reports_malformed_file(tmp_path):
     assert done.stdout == ""
     assert f"error: {path}: 'scale' must be a positive integer" in done.stderr
     assert json.loads(path.read_text())["scale"] == "x4"
+
+
+def test_a_method_note_marks_its_column_in_markdown_latex_and_the_report(tmp_path):
+    note = "tiny random prior: its images are noise by design"
+    results = [
+        results_doc("bicubic", "realsr", {"psnr": 24.0}),
+        results_doc("seesr_tiny", "realsr", {"psnr": 16.9}, note=note),
+    ]
+    lines = results_table(results).splitlines()
+    assert lines[0] == "| Dataset | Metric | bicubic | seesr_tiny‡ |"
+    assert lines[-1] == f"‡ seesr_tiny: {note}"
+    latex = results_table(results, fmt="latex")
+    assert r"seesr\_tiny$^\ddagger$" in latex and r"$^\ddagger$ seesr\_tiny: " + note in latex
+    from restore.evaluation.report import write_report
+
+    html = write_report(tmp_path / "report.html", results).read_text()
+    assert "seesr_tiny<sup>‡</sup>" in html and f"‡ seesr_tiny: {note}" in html
+    assert "‡" not in results_table(results[:1])  # no note, no mark
+    with pytest.raises(ResultsFormatError, match="'note' must be a non-empty string"):
+        validate_results({**results[0], "note": 3})

@@ -249,7 +249,7 @@ _JS = r"""
 
 def _table_html(t: Table) -> str:
     out = ['<table class="metrics">', "<thead><tr><th>Dataset</th><th>Metric</th>"]
-    out += [f"<th>{_esc(m)}</th>" for m in t.methods]
+    out += [f"<th>{_esc(m)}{'<sup>‡</sup>' if m in t.method_notes else ''}</th>" for m in t.methods]
     out.append("</tr></thead><tbody>")
     for g in t.groups:
         dataset = _esc(g.label) + (f" ({_esc(g.count_text)})" if g.counts_differ else "")
@@ -270,6 +270,7 @@ def _table_html(t: Table) -> str:
             out.append("</tr>")
     out.append("</tbody></table>")
     out += [f'<p class="footnote">† {_esc(n)}</p>' for n in t.footnotes]
+    out += [f'<p class="footnote method-note">‡ {_esc(m)}: {_esc(n)}</p>' for m, n in t.method_notes.items()]
     return "\n".join(out)
 
 
@@ -306,6 +307,7 @@ def _section_html(
     notes: list[str],
 ) -> str:
     methods = [r["method"] for r in results]
+    marked = {r["method"]: r["method"] + ("‡" if r.get("note") else "") for r in results}  # see the table
     entries = [{e["name"]: e for e in r["per_image"]} for r in results]
     skipped = [{s["name"]: s["reason"] for s in r["skipped"]} for r in results]
     names = sorted({n for e in entries for n in e}, key=_natural_key)
@@ -370,10 +372,12 @@ def _section_html(
         for meth, e, skip, sr in zip(methods, entries, skipped, srs):
             if name in e:
                 scores = {m: finite(e[name].get("scores", {}).get(m)) for m in metrics}
-                panels.append(_Panel(meth, meth, sr, scores, "output not readable"))
+                panels.append(_Panel(marked[meth], meth, sr, scores, "output not readable"))
             else:
                 reason = skip.get(name)
-                panels.append(_Panel(meth, meth, None, {}, f"skipped: {reason}" if reason else "no result"))
+                panels.append(
+                    _Panel(marked[meth], meth, None, {}, f"skipped: {reason}" if reason else "no result")
+                )
         if ref_entry.get("gt") is not None:
             panels.append(_Panel("GT", None, gt, {}, "GT not readable"))
         window = _crop_window(srs, gt, ref, crop_size)

@@ -79,7 +79,8 @@ def validate_results(data: Any, source: str = "<in-memory result>") -> dict[str,
       with ``name`` and ``reason``), ``missing_metrics`` [{}] (name -> reason string), ``settings`` [{}],
       ``created`` [null] (ISO 8601 string), ``overrides`` [{}] (the Hydra overrides that vary across the
       sweep the run belongs to: key -> value string), ``job_num`` [null] (the run's job number in that
-      sweep, non-negative integer).
+      sweep, non-negative integer), ``note`` [null] (what a reader must know next to the method's numbers,
+      e.g. that its prior is a tiny random one; a string).
     """
 
     def fail(problem: str) -> None:
@@ -176,6 +177,9 @@ def validate_results(data: Any, source: str = "<in-memory result>") -> dict[str,
         isinstance(k, str) and isinstance(v, str) for k, v in overrides.items()
     ):
         fail(f"'overrides' must be an object of override key -> value string, got {overrides!r}")
+    note = out.setdefault("note", None)
+    if note is not None and (not isinstance(note, str) or not note.strip()):
+        fail(f"'note' must be a non-empty string or null, got {note!r}")
     job_num = out.setdefault("job_num", None)
     if job_num is not None and (not isinstance(job_num, int) or isinstance(job_num, bool) or job_num < 0):
         fail(f"'job_num' must be a non-negative integer or null, got {job_num!r}")

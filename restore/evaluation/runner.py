@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "restore.results/v1"
 RUN_KEY_FILE = "run_key.txt"
+#: the method's ``evaluation_note``, kept beside the images so that a resumed run that restores nothing has it
+NOTE_FILE = "method_note.txt"
 
 
 @dataclass
@@ -159,6 +161,13 @@ def requires_weights(model: Any) -> bool:
     return bool(getattr(model, "requires_weights", True))
 
 
+def method_note(model: Any) -> str | None:
+    """What a reader must know next to the method's numbers (its ``evaluation_note``), e.g. a tiny random
+    prior whose images are noise by design."""
+    note = getattr(model, "evaluation_note", None)
+    return str(note) if note else None
+
+
 def takes_prompts(model: Any) -> bool:
     """The method's declaration (class attribute ``takes_prompts``): ``restore(lq, prompts=[...])``."""
     return bool(getattr(model, "takes_prompts", False))
@@ -190,6 +199,9 @@ def restore_images(
     model = _load_method(spec, device) if module is None else module.to(device).eval()
     if not hasattr(model, "restore"):
         raise BenchmarkError(f"method `{spec.label}` ({type(model).__name__}) has no restore(lq) method")
+    note = method_note(model)
+    if note and rank == 0:
+        (spec.run_dir / NOTE_FILE).write_text(note, encoding="utf-8")
     use_prompts = prompts is not None and takes_prompts(model)
     if prompts is not None and not use_prompts and rank == 0:
         log.info(
@@ -371,6 +383,13 @@ def _finite_mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def _recorded_note(spec: EvalSpec) -> str | None:
+    path = spec.run_dir / NOTE_FILE
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8").strip() or None
+
+
 def build_results(
     spec: EvalSpec,
     items: Sequence[BenchmarkItem],
@@ -426,6 +445,7 @@ def build_results(
     return {
         "format": RESULTS_FORMAT,
         "method": spec.label,
+        "note": _recorded_note(spec),
         "benchmark": spec.benchmark.name,
         "scale": spec.benchmark.scale,
         "num_images": len(items),

@@ -93,6 +93,8 @@ BENCHMARK_NAMES: dict[str, str] = {
 
 MISSING = "–"
 DAGGER = "†"
+#: Marks a method column with a note (e.g. a tiny random prior), explained under the table.
+DOUBLE_DAGGER = "‡"
 
 Mark = Literal["best", "second"] | None
 
@@ -163,6 +165,12 @@ class Table:
     methods: list[str]
     groups: list[Group]
     footnotes: list[str] = field(default_factory=list)
+    #: method -> its note (results' ``note``), shown next to the column name and under the table
+    method_notes: dict[str, str] = field(default_factory=dict)
+
+    def method_header(self, method: str) -> str:
+        """The column name, marked when the method has a note."""
+        return method + (DOUBLE_DAGGER if method in self.method_notes else "")
 
 
 def mark_cells(cells: list[Cell], lower_better: bool) -> None:
@@ -295,7 +303,11 @@ def build_table(
         notes = coverage_notes(g.label, {m: per_method[m] for m in methods if m in per_method})
         g.flagged = bool(notes)
         footnotes += notes
-    return Table(methods, groups, footnotes)
+    method_notes = {}
+    for r in results:
+        if r.get("note") and r["method"] not in method_notes:
+            method_notes[r["method"]] = str(r["note"])
+    return Table(methods, groups, footnotes, {m: method_notes[m] for m in methods if m in method_notes})
 
 
 # --- Markdown ---------------------------------------------------------------------------------------
@@ -316,7 +328,7 @@ def md_cell(c: Cell) -> str:
 
 def _render_markdown(t: Table) -> str:
     lines = [
-        "| " + " | ".join(["Dataset", "Metric", *map(md_escape, t.methods)]) + " |",
+        "| " + " | ".join(["Dataset", "Metric", *(md_escape(t.method_header(m)) for m in t.methods)]) + " |",
         "|" + "|".join([":--", ":--"] + [":-:"] * len(t.methods)) + "|",
     ]
     for g in t.groups:
@@ -330,6 +342,11 @@ def _render_markdown(t: Table) -> str:
     if t.footnotes:
         # Blank lines between notes: each renders as its own paragraph.
         text += "\n" + "\n\n".join(f"{DAGGER} {md_escape(f)}" for f in t.footnotes) + "\n"
+    if t.method_notes:
+        text += "\n" + "\n\n".join(
+            f"{DOUBLE_DAGGER} {md_escape(m)}: {md_escape(n)}" for m, n in t.method_notes.items()
+        )
+        text += "\n"
     return text
 
 
@@ -370,7 +387,11 @@ def _render_latex(t: Table) -> str:
         r"% requires \usepackage{booktabs} and \usepackage{multirow}",
         r"\begin{tabular}{ll" + "c" * len(t.methods) + "}",
         r"\toprule",
-        " & ".join(["Dataset", "Metric", *map(tex_escape, t.methods)]) + r" \\",
+        " & ".join(
+            ["Dataset", "Metric"]
+            + [tex_escape(m) + (r"$^\ddagger$" if m in t.method_notes else "") for m in t.methods]
+        )
+        + r" \\",
         r"\midrule",
     ]
     for gi, g in enumerate(t.groups):
@@ -388,6 +409,8 @@ def _render_latex(t: Table) -> str:
     lines += [r"\bottomrule", r"\end{tabular}"]
     for note in t.footnotes:
         lines.append(r"\par\footnotesize $^\dagger$ " + tex_escape(note))
+    for method, note in t.method_notes.items():
+        lines.append(r"\par\footnotesize $^\ddagger$ " + tex_escape(f"{method}: {note}"))
     return "\n".join(lines) + "\n"
 
 

@@ -343,6 +343,17 @@ class LatentDiffusionSR(L.LightningModule):
     def forward(self, lq: Tensor) -> Tensor:
         return self.restore(lq)
 
+    @property
+    def evaluation_note(self) -> str | None:
+        """Shown next to the method's column in tables and reports: a prior built in code (the tiny test
+        priors) has random weights, so its images are noise by design."""
+        if self.prior.source is not None:
+            return None
+        return (
+            "tiny random prior (weights built in code, never trained): its images are noise by design; the "
+            "column shows the machinery running, not the method's quality"
+        )
+
     def sample(
         self, inputs: SamplingInputs, settings: SamplingSettings, generator: torch.Generator | None = None
     ) -> Tensor:

@@ -24,13 +24,16 @@ Null condition (what classifier-free guidance and prompt dropout use), per famil
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from restore.models.priors.loading import freeze, load_parts, offline_default
 from restore.models.priors.text import (
     MissingTextFeaturesError,
     TextCache,
@@ -61,6 +64,13 @@ class LatentPrior(nn.Module):
     denoiser_name: ClassVar[str] = "unet"
     #: the null prompt *text* where the null condition is an encoded prompt (SD); ``None`` otherwise
     null_prompt: ClassVar[str | None] = None
+    #: the diffusers folder layout, part -> subfolder (what :meth:`load_parts` reads, :meth:`save_pretrained`
+    #: writes)
+    subfolders: ClassVar[Mapping[str, str]] = {}
+    #: what each subfolder must hold, for the error message of a missing part
+    expected_files: ClassVar[Mapping[str, str]] = {}
+    #: the parts ``load_text_encoder=False`` leaves out
+    text_encoder_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
     def __init__(
         self,
@@ -78,6 +88,47 @@ class LatentPrior(nn.Module):
         self.text_features = (
             None if text_features is None else TextFeatureStore(text_features, self.text_encoder_id)
         )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_parts(
+        cls,
+        source: str,
+        classes: Mapping[str, tuple[type, Mapping[str, Any]]],
+        subfolders: Mapping[str, str] | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        load_text_encoder: bool = True,
+        load_denoiser: bool = True,
+    ) -> dict[str, Any]:
+        """``{part: part_class.from_pretrained(source, subfolder=..., **kwargs)}`` for ``classes`` (part ->
+        (class, kwargs)), networks frozen. ``subfolders`` overrides entries of the layout;
+        ``local_files_only=None`` follows ``HF_HUB_OFFLINE``; ``load_text_encoder`` / ``load_denoiser=False``
+        leave the text encoder(s) / the denoiser and the VAE out. A part that cannot be found raises
+        :class:`~.loading.PriorNotFoundError` naming the source, the expected layout and ``HF_HOME``."""
+        skip = set() if load_text_encoder else set(cls.text_encoder_parts)
+        if not load_denoiser:
+            skip |= {"vae", cls.denoiser_name}
+        offline = offline_default(local_files_only)
+        common = {"revision": revision, "local_files_only": offline}
+        loaders = {
+            name: partial(_from_pretrained, part_cls, source, {**kwargs, **common})
+            for name, (part_cls, kwargs) in classes.items()
+            if name not in skip
+        }
+        folders = {**cls.subfolders, **(subfolders or {})}
+        parts = load_parts(source, loaders, folders, cls.expected_files, offline)
+        for part in parts.values():
+            if isinstance(part, nn.Module):
+                freeze(part)
+        return parts
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the parts in the diffusers folder layout (what ``from_pretrained`` reads)."""
+        for name, sub in self.subfolders.items():
+            part = self.noise_scheduler if name == "scheduler" else getattr(self, name, None)
+            if part is not None:
+                part.save_pretrained(os.path.join(directory, sub))
 
     # ------------------------------------------------------------------ parts
     @property
@@ -228,6 +279,11 @@ class LatentPrior(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for tensor in (*self.parameters(), *self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        first = next(
+            itertools.chain(self.parameters(), self.buffers()), None
+        )  # lazily: the first tensor only
+        return torch.device("cpu") if first is None else first.device
+
+
+def _from_pretrained(part_cls: type, source: str, kwargs: Mapping[str, Any], subfolder: str) -> Any:
+    return part_cls.from_pretrained(source, subfolder=subfolder, **kwargs)

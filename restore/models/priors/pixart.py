@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
 from restore.models.priors.base import LatentPrior
-from restore.models.priors.loading import freeze, load_parts, offline_default
+from restore.models.priors.loading import freeze
 from restore.models.priors.sd import sd_vae_config, tiny_vae
 from restore.models.priors.text import TextCondition
 
@@ -170,7 +170,7 @@ def read_null_caption(path: str | os.PathLike) -> Tensor | None:
     return None if key is None else state[key].float().clone()
 
 
-def _transformer_weights(source: str, subfolder: str, offline: bool) -> Path | None:
+def _transformer_weights(source: str, subfolder: str) -> Path | None:
     name = "diffusion_pytorch_model.safetensors"
     local = Path(source) / subfolder / name
     if local.is_file():
@@ -195,6 +195,8 @@ class PixArtPrior(LatentPrior):
     """
 
     denoiser_name = "transformer"
+    subfolders = PIXART_SUBFOLDERS
+    expected_files = _EXPECTED_FILES
 
     def __init__(
         self,
@@ -243,30 +245,16 @@ class PixArtPrior(LatentPrior):
         :meth:`restore.models.priors.sd.SDPrior.from_pretrained`. ``null_caption``: a file holding the learned
         null caption, ``auto`` (look into the transformer weights) or ``None`` (use T5(""))."""
         source = os.fspath(path_or_hub_id)
-        folders = {**PIXART_SUBFOLDERS, **(subfolders or {})}
-        offline = offline_default(local_files_only)
-        common = {"revision": revision, "local_files_only": offline}
-        loaders = {
-            "vae": lambda sub: AutoencoderKL.from_pretrained(
-                source, subfolder=sub, torch_dtype=torch_dtype, **common
-            ),
-            "transformer": lambda sub: PixArtTransformer2DModel.from_pretrained(
-                source, subfolder=sub, torch_dtype=torch_dtype, **common
-            ),
-            "text_encoder": lambda sub: T5EncoderModel.from_pretrained(
-                source, subfolder=sub, dtype=torch_dtype or torch.float32, **common
-            ),
-            "tokenizer": lambda sub: AutoTokenizer.from_pretrained(source, subfolder=sub, **common),
-            "scheduler": lambda sub: DDPMScheduler.from_pretrained(source, subfolder=sub, **common),
+        classes = {
+            "vae": (AutoencoderKL, {"torch_dtype": torch_dtype}),
+            "transformer": (PixArtTransformer2DModel, {"torch_dtype": torch_dtype}),
+            "text_encoder": (T5EncoderModel, {"dtype": torch_dtype or torch.float32}),
+            "tokenizer": (AutoTokenizer, {}),
+            "scheduler": (DDPMScheduler, {}),
         }
-        if not load_text_encoder:
-            del loaders["text_encoder"]
-        if not load_denoiser:  # text only (scripts/precompute_text_features.py)
-            del loaders["vae"], loaders["transformer"]
-        parts = load_parts(source, loaders, folders, _EXPECTED_FILES, offline)
-        for name in ("vae", "transformer", "text_encoder"):
-            if name in parts:
-                freeze(parts[name])
+        parts = cls.load_parts(
+            source, classes, subfolders, revision, local_files_only, load_text_encoder, load_denoiser
+        )
         transformer = parts.get("transformer")
         scheduler = DDPMScheduler.from_config(
             parts["scheduler"].config,
@@ -276,7 +264,8 @@ class PixArtPrior(LatentPrior):
         )
         null = None
         if null_caption == "auto":
-            weights = _transformer_weights(source, folders["transformer"], offline)
+            folder = (subfolders or {}).get("transformer", PIXART_SUBFOLDERS["transformer"])
+            weights = _transformer_weights(source, folder)
             null = read_null_caption(weights) if weights is not None else None
         elif null_caption is not None:
             null = read_null_caption(null_caption)
@@ -303,16 +292,12 @@ class PixArtPrior(LatentPrior):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the diffusers layout, plus ``null_caption.safetensors`` (read back by ``null_caption=``)."""
-        for name, sub in PIXART_SUBFOLDERS.items():
-            part = self.noise_scheduler if name == "scheduler" else getattr(self, name)
-            part.save_pretrained(os.path.join(directory, sub))
+        super().save_pretrained(directory)
         if self.null_caption is not None:
             from safetensors.torch import save_file
 
-            save_file(
-                {"y_embedding": self.null_caption.cpu().contiguous()},
-                os.path.join(directory, "null_caption.safetensors"),
-            )
+            path = os.path.join(directory, "null_caption.safetensors")
+            save_file({"y_embedding": self.null_caption.cpu().contiguous()}, path)
 
     @property
     def has_text_encoder(self) -> bool:

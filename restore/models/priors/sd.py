@@ -28,7 +28,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from restore.models.priors.base import LatentPrior
-from restore.models.priors.loading import freeze, load_parts, offline_default
+from restore.models.priors.loading import freeze
 from restore.models.priors.text import TextCondition
 
 __all__ = [
@@ -200,6 +200,8 @@ class SDPrior(LatentPrior):
 
     denoiser_name = "unet"
     null_prompt = ""
+    subfolders = SD_SUBFOLDERS
+    expected_files = _EXPECTED_FILES
 
     def __init__(
         self,
@@ -230,39 +232,21 @@ class SDPrior(LatentPrior):
         text_features: str | os.PathLike | None = None,
         text_cache_size: int = 0,
     ) -> SDPrior:
-        """Load the five parts from a diffusers-layout folder or a hub id (e.g. ``stabilityai/stable-diffusion-2-base``).
-
-        ``subfolders`` overrides entries of the layout. ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. A
-        part that cannot be found raises :class:`~.loading.PriorNotFoundError` naming the source, the expected
-        layout and ``HF_HOME``. The stored scheduler (PNDM for SD-2.1-base) is read as the ``DDPMScheduler`` of
-        the same betas, the schedule the UNet was trained with. ``load_text_encoder=False`` skips the text
-        encoder (prompts then come from ``text_features``).
-        """
+        """Load the five parts from a diffusers-layout folder or a hub id (e.g. ``stabilityai/stable-diffusion-2-base``;
+        see :meth:`~.base.LatentPrior.load_parts`). The stored scheduler (PNDM for SD-2.1-base) is read as the
+        ``DDPMScheduler`` of the same betas, the schedule the UNet was trained with. ``load_text_encoder=False``
+        skips the text encoder (prompts then come from ``text_features``)."""
         source = os.fspath(path_or_hub_id)
-        folders = {**SD_SUBFOLDERS, **(subfolders or {})}
-        offline = offline_default(local_files_only)
-        common = {"revision": revision, "local_files_only": offline}
-        loaders = {
-            "vae": lambda sub: AutoencoderKL.from_pretrained(
-                source, subfolder=sub, torch_dtype=torch_dtype, **common
-            ),
-            "unet": lambda sub: UNet2DConditionModel.from_pretrained(
-                source, subfolder=sub, torch_dtype=torch_dtype, **common
-            ),
-            "text_encoder": lambda sub: CLIPTextModel.from_pretrained(
-                source, subfolder=sub, dtype=torch_dtype or torch.float32, **common
-            ),
-            "tokenizer": lambda sub: CLIPTokenizer.from_pretrained(source, subfolder=sub, **common),
-            "scheduler": lambda sub: DDPMScheduler.from_pretrained(source, subfolder=sub, **common),
+        classes = {
+            "vae": (AutoencoderKL, {"torch_dtype": torch_dtype}),
+            "unet": (UNet2DConditionModel, {"torch_dtype": torch_dtype}),
+            "text_encoder": (CLIPTextModel, {"dtype": torch_dtype or torch.float32}),
+            "tokenizer": (CLIPTokenizer, {}),
+            "scheduler": (DDPMScheduler, {}),
         }
-        if not load_text_encoder:
-            del loaders["text_encoder"]
-        if not load_denoiser:  # text only (scripts/precompute_text_features.py)
-            del loaders["vae"], loaders["unet"]
-        parts = load_parts(source, loaders, folders, _EXPECTED_FILES, offline)
-        for name in ("vae", "unet", "text_encoder"):
-            if name in parts:
-                freeze(parts[name])
+        parts = cls.load_parts(
+            source, classes, subfolders, revision, local_files_only, load_text_encoder, load_denoiser
+        )
         return cls(
             parts.get("vae"),
             parts.get("unet"),
@@ -273,12 +257,6 @@ class SDPrior(LatentPrior):
             text_features=text_features,
             text_cache_size=text_cache_size,
         )
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the parts in the diffusers folder layout (what :meth:`from_pretrained` reads)."""
-        for name, sub in SD_SUBFOLDERS.items():
-            part = self.noise_scheduler if name == "scheduler" else getattr(self, name)
-            part.save_pretrained(os.path.join(directory, sub))
 
     @property
     def has_text_encoder(self) -> bool:

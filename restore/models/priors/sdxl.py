@@ -28,7 +28,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from restore.models.priors.base import LatentPrior
-from restore.models.priors.loading import freeze, load_parts, offline_default
+from restore.models.priors.loading import freeze
 from restore.models.priors.sd import (
     sd_scheduler_config,
     sd_vae_config,
@@ -139,6 +139,9 @@ class SDXLPrior(LatentPrior):
     every prompt gets as ``time_ids`` (SUPIR: 1024 x 1024, (0, 0), 1024 x 1024)."""
 
     denoiser_name = "unet"
+    subfolders = SDXL_SUBFOLDERS
+    expected_files = _EXPECTED_FILES
+    text_encoder_parts = ("text_encoder", "text_encoder_2")
 
     def __init__(
         self,
@@ -183,36 +186,22 @@ class SDXLPrior(LatentPrior):
         **size_conditions: Sequence[int],
     ) -> SDXLPrior:
         """Load the seven parts from a diffusers-layout folder or a hub id
-        (``stabilityai/stable-diffusion-xl-base-1.0``); see :meth:`restore.models.priors.sd.SDPrior.from_pretrained`.
-        The stored ``EulerDiscreteScheduler`` config is read as the ``DDPMScheduler`` of the same betas."""
+        (``stabilityai/stable-diffusion-xl-base-1.0``; see :meth:`~.base.LatentPrior.load_parts`). The stored
+        ``EulerDiscreteScheduler`` config is read as the ``DDPMScheduler`` of the same betas."""
         source = os.fspath(path_or_hub_id)
-        folders = {**SDXL_SUBFOLDERS, **(subfolders or {})}
-        offline = offline_default(local_files_only)
-        common = {"revision": revision, "local_files_only": offline}
-        dtype = {"torch_dtype": torch_dtype}
-        loaders = {
-            "vae": lambda sub: AutoencoderKL.from_pretrained(source, subfolder=sub, **dtype, **common),
-            "unet": lambda sub: UNet2DConditionModel.from_pretrained(
-                source, subfolder=sub, **dtype, **common
-            ),
-            "text_encoder": lambda sub: CLIPTextModel.from_pretrained(
-                source, subfolder=sub, dtype=torch_dtype or torch.float32, **common
-            ),
-            "text_encoder_2": lambda sub: CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder=sub, dtype=torch_dtype or torch.float32, **common
-            ),
-            "tokenizer": lambda sub: CLIPTokenizer.from_pretrained(source, subfolder=sub, **common),
-            "tokenizer_2": lambda sub: CLIPTokenizer.from_pretrained(source, subfolder=sub, **common),
-            "scheduler": lambda sub: DDPMScheduler.from_pretrained(source, subfolder=sub, **common),
+        text_dtype = {"dtype": torch_dtype or torch.float32}
+        classes = {
+            "vae": (AutoencoderKL, {"torch_dtype": torch_dtype}),
+            "unet": (UNet2DConditionModel, {"torch_dtype": torch_dtype}),
+            "text_encoder": (CLIPTextModel, text_dtype),
+            "text_encoder_2": (CLIPTextModelWithProjection, text_dtype),
+            "tokenizer": (CLIPTokenizer, {}),
+            "tokenizer_2": (CLIPTokenizer, {}),
+            "scheduler": (DDPMScheduler, {}),
         }
-        if not load_text_encoder:
-            del loaders["text_encoder"], loaders["text_encoder_2"]
-        if not load_denoiser:  # text only (scripts/precompute_text_features.py)
-            del loaders["vae"], loaders["unet"]
-        parts = load_parts(source, loaders, folders, _EXPECTED_FILES, offline)
-        for name in ("vae", "unet", "text_encoder", "text_encoder_2"):
-            if name in parts:
-                freeze(parts[name])
+        parts = cls.load_parts(
+            source, classes, subfolders, revision, local_files_only, load_text_encoder, load_denoiser
+        )
         return cls(
             parts.get("vae"),
             parts.get("unet"),
@@ -226,12 +215,6 @@ class SDXLPrior(LatentPrior):
             text_cache_size=text_cache_size,
             **size_conditions,
         )
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the parts in the diffusers folder layout (what :meth:`from_pretrained` reads)."""
-        for name, sub in SDXL_SUBFOLDERS.items():
-            part = self.noise_scheduler if name == "scheduler" else getattr(self, name)
-            part.save_pretrained(os.path.join(directory, sub))
 
     @property
     def has_text_encoder(self) -> bool:
