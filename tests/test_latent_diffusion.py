@@ -265,3 +265,19 @@ def test_scale_lr_multiplies_by_effective_batch(tmp_path, photos_64) -> None:
     trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=2)
     trainer.fit(model, datamodule=DM())
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 2 * 2)
+
+
+def test_loss_weights_scale_named_terms_and_unknown_names_are_refused(tmp_path, photos_64) -> None:
+    losses = {}
+    for weight in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = ControlSR(tiny_prior(), optimizer=_adamw(), loss_weights={"diffusion": weight})
+        record = _Losses()
+        _trainer(tmp_path, max_steps=1, callbacks=[record]).fit(
+            model, DataLoader(_Fixed(photos_64), batch_size=2)
+        )
+        losses[weight] = record.losses[0]
+    assert losses[3.0] == pytest.approx(3 * losses[1.0], rel=1e-6)
+    model = ControlSR(tiny_prior(), optimizer=_adamw(), loss_weights={"difusion": 2.0})
+    with pytest.raises(ValueError, match=r"loss_weights names \['difusion'\].*\['diffusion'\]"):
+        _trainer(tmp_path, max_steps=1).fit(model, DataLoader(_Fixed(photos_64), batch_size=2))

@@ -1,4 +1,5 @@
-"""PairedTrainingFolder: offline-degraded GT/LR training pairs with aligned random crops (spec §1.6, §2.5)."""
+"""PairedTrainingFolder: offline-degraded GT/LR training pairs with aligned random crops (cswry/SeeSR utils_data/make_paired_data.py,
+qyp2000/XPSR utils_data/make_train.py)."""
 
 from __future__ import annotations
 
@@ -194,7 +195,7 @@ def test_original_image_prob_one_feeds_the_hr(pairs, side_file):
     mapping = {"prompt": "highlevel", "lowlevel_prompt": "lowlevel"}
     kwargs = dict(crop_size=64, prompts=side_file, prompt_key=mapping)
     lr_ds = PairedTrainingFolder(gt_dir, lq_dir, **kwargs)
-    # Official XPSR switches only the low-level text to the HR's (lowlevel_prompt_q_GT, spec §2.5).
+    # Official XPSR switches only the low-level text to the HR's (lowlevel_prompt_q_GT in train.py).
     ds = PairedTrainingFolder(
         gt_dir,
         lq_dir,

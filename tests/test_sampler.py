@@ -101,7 +101,7 @@ def test_super_resolve_shape_range_and_determinism(prior, texts) -> None:
 
 
 def test_seesr_defaults() -> None:
-    s = SamplingSettings()  # spec §1.7
+    s = SamplingSettings()  # test_seesr.py
     assert (s.scheduler, s.num_steps, s.guidance_scale, s.start, s.start_timestep) == (
         "ddpm",
         50,
@@ -125,7 +125,7 @@ def test_lr_start_runs_the_50_leading_steps(prior, texts) -> None:
     calls: list = []
     settings = SamplingSettings(progress=False, seed=0, guidance_scale=1.0)
     _sample(_spy(calls), cond, None, _lr_up(), prior.vae, prior.noise_scheduler, settings)
-    assert [c["t"] for c in calls] == list(range(981, 0, -20))  # spec §6: 981, 961, ..., 1
+    assert [c["t"] for c in calls] == list(range(981, 0, -20))  # DDPM 50 leading steps: 981, 961, ..., 1
     calls.clear()
     _sample(
         _spy(calls),
@@ -147,7 +147,7 @@ def test_start_latent_is_what_the_first_step_sees(prior, start: str) -> None:
     calls: list = []
     lr_up = _lr_up()
     _sample(_spy(calls), torch.zeros(1, 2), None, lr_up, prior.vae, prior.noise_scheduler, settings)
-    assert calls[0]["t"] == 951 and len(calls) == 20  # XPSR's 20 leading steps: 951, ..., 1 (spec §2.6)
+    assert calls[0]["t"] == 951 and len(calls) == 20  # XPSR's 20 leading steps: 951, ..., 1 (XPSR test.py)
     expected = _expected_start(prior, lr_up, settings, seed=3)
     assert expected.shape == (1, 4, 8, 8)
     torch.testing.assert_close(calls[0]["latents"], expected, atol=0, rtol=0)

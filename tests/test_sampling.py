@@ -1,5 +1,5 @@
-"""restore.sampling: colour fix, LRE start, CFG, latent tiling, tiled VAE (spec seesr_xpsr.md §1.7, §2.6;
-dreamclear_supir_stablesr.md §3.6, §3.8, §5). Numbers are checked against hand computations or independent
+"""restore.sampling: colour fix, LRE start, CFG, latent tiling, tiled VAE (as the official SeeSR / XPSR / StableSR
+test scripts and their shared wavelet_color_fix.py and mixture-of-diffusers tiles). Numbers are checked against hand computations or independent
 NumPy/float64 re-implementations; the tiled VAE against the untiled network on a tiny random AutoencoderKL."""
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def test_noised_start_matches_add_noise_and_hand_formula() -> None:
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(out, scheduler.add_noise(z, eps, torch.tensor([999, 999])), atol=0, rtol=0)
     a = _hand_alphas_cumprod()[999]
-    assert round(math.sqrt(a), 4) == 0.0683 and round(math.sqrt(1 - a), 4) == 0.9977  # spec §1.7
+    assert (
+        round(math.sqrt(a), 4) == 0.0683 and round(math.sqrt(1 - a), 4) == 0.9977
+    )  # SeeSR's LR-embedding start at t=999
     torch.testing.assert_close(out, math.sqrt(a) * z + math.sqrt(1 - a) * eps, atol=1e-6, rtol=0)
 
 
@@ -129,7 +131,7 @@ def test_double_noised_start_xpsr() -> None:
     n1, n2 = torch.randn(z.shape, generator=gen), torch.randn(z.shape, generator=gen)
     ac = _hand_alphas_cumprod()
     a1, a2 = ac[951], ac[800]
-    assert round(math.sqrt(a1 * a2), 4) == 0.0173  # spec §2.6: effective coefficient of z
+    assert round(math.sqrt(a1 * a2), 4) == 0.0173  # XPSR's double noising: effective coefficient of z
     assert abs(math.sqrt(a2 * (1 - a1) + 1 - a2) - 1.0) < 2e-4  # total noise std ~1.0
     expected = math.sqrt(a2) * (math.sqrt(a1) * z + math.sqrt(1 - a1) * n1) + math.sqrt(1 - a2) * n2
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
@@ -185,7 +187,7 @@ def test_cfg_denoise_doubles_and_splits() -> None:
 @pytest.mark.parametrize(
     ("size", "tile", "overlap", "expected"),
     [
-        (128, 64, 32, [0, 32, 64]),  # StableSR 128^2 latent: 3x3 = 9 tiles (spec §7)
+        (128, 64, 32, [0, 32, 64]),  # StableSR 128^2 latent: 3x3 = 9 tiles
         (128, 96, 4, [0, 32]),
         (200, 96, 4, [0, 92, 104]),
         (100, 32, 8, [0, 24, 48, 68]),
@@ -212,7 +214,9 @@ def test_gaussian_tile_weights_hand_values() -> None:
 
     for j, i in [(0, 0), (32, 31), (63, 10), (17, 63)]:
         assert w[j, i].item() == pytest.approx(hand(j, i), rel=1e-12)
-    assert w[32, 0].item() / w[32, 31].item() == pytest.approx(5.5e-6, rel=0.01)  # spec §5 edge/centre
+    assert w[32, 0].item() / w[32, 31].item() == pytest.approx(
+        5.5e-6, rel=0.01
+    )  # mixture-of-diffusers' window: edge / centre
     torch.testing.assert_close(w[:, 0], w[:, 63])  # x symmetric
     assert w[0, 20] < w[63, 20]  # y: row 0 is 32 from the centre, row 63 only 31
     sym = gaussian_tile_weights(64, 64, symmetric=True, dtype=torch.float64)

@@ -62,7 +62,7 @@ def test_full_size_keys_shapes_and_order_equal_the_official_lists(full_size) -> 
 
 def test_full_size_parameter_counts_match_the_spec(full_size) -> None:
     unet, controlnet = full_size
-    # spec §6: UNet 998 / 1,107,755,524 (pixel_attentions 312 / 248,234,560); ControlNet 736 / 620,216,909
+    # the released models: UNet 998 / 1,107,755,524 (pixel_attentions 312 / 248,234,560); ControlNet 736 / 620,216,909
     assert _count(unet) == (998, 1_107_755_524)
     assert _count(unet, f".{PIXEL_ATTR}.") == (312, 248_234_560)
     assert _count(controlnet) == (736, 620_216_909)

@@ -303,6 +303,11 @@ class LatentDiffusionSR(L.LightningModule):
             prediction = Prediction(prediction)
         terms = self.objective.losses(prediction.output, latents, noisy, noise, timesteps)
         terms.update(self.auxiliary_losses(batch, latents, prediction))
+        unknown = set(self.loss_weights) - set(terms)
+        if unknown:
+            raise ValueError(
+                f"loss_weights names {sorted(unknown)}, but this method's loss terms are {sorted(terms)}"
+            )
         loss = sum(self.loss_weights.get(name, 1.0) * value for name, value in terms.items())
         for name, value in terms.items():
             self.log(f"train/{name}_loss", value.detach(), batch_size=n)
