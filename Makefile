@@ -27,8 +27,10 @@ browser:
 	    echo "chromium could not be installed: the browser test will be skipped"; \
 	  else echo "no chromium and no root apt-get: the browser test will be skipped"; fi; }
 
+# Two xdist workers of one torch thread each: the 2-core CI machine's cores, ~11 min (14 min serially).
+TEST_WORKERS ?= 2
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Iterating: skip the tests marked slow (CI and `make test` run everything).
 test-fast: install
