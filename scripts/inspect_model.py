@@ -1,6 +1,7 @@
 """Print a full-size model part's state dict as ``key<TAB>shape`` lines (built on the meta device: no memory).
 
     python scripts/inspect_model.py model=seesr|xpsr part=unet|controlnet
+    python scripts/inspect_model.py model=dreamclear part=controlformer|official
     python scripts/inspect_model.py model=sd15|sd2_base|sdxl_base|pixart_alpha part=vae|unet|transformer|text_encoder
 
 Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order: the layout of a
@@ -48,6 +49,29 @@ def _xpsr_controlnet() -> torch.nn.Module:
     return build_xpsr_controlnet(build_xpsr_unet(device="meta"))
 
 
+def _dreamclear_controlformer() -> torch.nn.Module:
+    from restore.models.dreamclear import DreamClearControlFormer
+    from restore.models.priors import pixart_alpha_prior
+
+    return DreamClearControlFormer(pixart_alpha_prior(device="meta").transformer)
+
+
+class _StateOnly:
+    """A state dict standing in for a module (for layouts that exist only as checkpoints)."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def _dreamclear_official() -> _StateOnly:
+    from restore.models.dreamclear import ours_to_official
+
+    return _StateOnly(ours_to_official(_dreamclear_controlformer().state_dict()))
+
+
 def _prior_part(builder: str, part: str) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         from restore.models import priors
@@ -67,6 +91,8 @@ _PRIORS = {
 MODELS: dict[str, dict[str, Callable[[], torch.nn.Module]]] = {
     "seesr": {"unet": _seesr_unet, "controlnet": _seesr_controlnet},
     "xpsr": {"unet": _xpsr_unet, "controlnet": _xpsr_controlnet},
+    # the trainable parts of DreamClear (on PixArt-α's transformer), in our layout or the released one
+    "dreamclear": {"controlformer": _dreamclear_controlformer, "official": _dreamclear_official},
     **{
         name: {part: _prior_part(builder, part) for part in parts}
         for name, (builder, parts) in _PRIORS.items()
