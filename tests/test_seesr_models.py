@@ -423,8 +423,8 @@ def test_inspect_model_script_prints_unet_key_list() -> None:
     [
         (["model=seesr", "part=vae"], "unknown part 'vae' for model 'seesr'; options: controlnet, unet"),
         (
-            ["model=stablesr", "part=unet"],
-            "unknown model 'stablesr'; options: pixart_alpha, sd15, sd2_base, sdxl_base, seesr, xpsr",
+            ["model=no_such_model", "part=unet"],
+            "unknown model 'no_such_model'; options: dreamclear, pixart_alpha, sd15, sd2_base, sdxl_base, seesr,",
         ),
         (["model=seesr"], "missing argument(s): part"),
         (["seesr", "unet"], "expected arguments model=... part=..."),
