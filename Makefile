@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # Re-installs when pyproject.toml changes. torch/torchvision come from pyproject's pins (>=2.14,<2.15).
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "restore needs Python >= 3.10; set PYTHON=python3.11"'
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "restore needs Python >= 3.11 (diffusers does); set PYTHON=python3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
@@ -37,13 +37,14 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The whole loop on CPU, offline, in about 3 minutes after install: degrade the embedded photos (a picture);
-# train the tiny RealESRNet and the tiny SeeSR (ControlNet + RCA on a tiny random SD prior, tagged by a tiny
-# random DAPE); evaluate bicubic, RealESRNet and SeeSR on benchmark=samples: one table.md + report.html with all
-# three. NIQE's pristine model is rebuilt from basicsr's bundled copy; learned metrics without weights are
-# skipped with a warning (fetch them with `python -m restore.weights fetch --metric lpips dists fid maniqa musiq
-# clipiqa`). The tiny SeeSR shows the machinery (tags, RAM tokens, sampling with CFG, colour fix), not the
-# quality of a real prior: its VAE and UNet are random, so its images are noise by design; the table and the
-# report say so next to its column (‡).
+# train the tiny RealESRNet, the tiny SeeSR (ControlNet + RCA on a tiny random SD prior, tagged by a tiny random
+# DAPE) and the tiny DreamClear (ControlFormer + MoAM on a tiny random PixArt-α, reference branch through
+# spandrel); evaluate bicubic and the three on benchmark=samples: one table.md + report.html with all four.
+# NIQE's pristine model is rebuilt from basicsr's bundled copy; learned metrics without weights are skipped with
+# a warning (fetch them with `python -m restore.weights fetch --metric lpips dists fid maniqa musiq clipiqa`).
+# The tiny diffusion methods show the machinery (conditions, sampling with CFG, colour fix), not the quality of
+# a real prior: their VAEs and denoisers are random, so their images are noise by design; the table and the
+# report say so next to their columns (‡).
 DEMO := outputs/demo
 DEMO_FLAGS := extras.print_config=false
 demo: install
@@ -56,13 +57,18 @@ demo: install
 	$(BIN)/python eval.py benchmark=samples method=bicubic $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_bicubic
 	$(BIN)/python eval.py benchmark=samples method=realesrnet_tiny ckpt_path=$(DEMO)/train/checkpoints/last.ckpt \
 	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_realesrnet_tiny
+	$(BIN)/python train.py experiment=dreamclear_tiny $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/dreamclear
 	$(BIN)/python eval.py benchmark=samples method=seesr_tiny ckpt_path=$(DEMO)/seesr/checkpoints/last.ckpt \
-	  report.compare=[$(DEMO)/eval_bicubic,$(DEMO)/eval_realesrnet_tiny] $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_seesr_tiny
-	@echo "table: $(DEMO)/eval_seesr_tiny/table.md   report: $(DEMO)/eval_seesr_tiny/report.html"
+	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_seesr_tiny
+	$(BIN)/python eval.py benchmark=samples method=dreamclear_tiny ckpt_path=$(DEMO)/dreamclear/checkpoints/last.ckpt \
+	  report.compare=[$(DEMO)/eval_bicubic,$(DEMO)/eval_realesrnet_tiny,$(DEMO)/eval_seesr_tiny] $(DEMO_FLAGS) \
+	  hydra.run.dir=$(DEMO)/eval_dreamclear_tiny
+	@echo "table: $(DEMO)/eval_dreamclear_tiny/table.md   report: $(DEMO)/eval_dreamclear_tiny/report.html"
 
-# The full tour, every method end to end on CPU (about 7 minutes after install): the demo's RealESRNet; SeeSR's
+# The full tour, every method end to end on CPU (about 8 minutes after install): the demo's RealESRNet; SeeSR's
 # two stages (DAPE LoRA training, then SeeSR on that DAPE); XPSR (prompts of the photos by a tiny random LLaVA
-# with scripts/extract_prompts.py, then SFA, pixel attention and the DFC loss); all in one table and report.
+# with scripts/extract_prompts.py, then SFA, pixel attention and the DFC loss); DreamClear; all in one table
+# and report.
 TOUR := outputs/tour
 tour: install
 	$(BIN)/python -m restore.weights fetch niqe_modelparameters.mat --from-basicsr
@@ -80,10 +86,13 @@ tour: install
 	  $(DEMO_FLAGS) hydra.run.dir=$(TOUR)/eval_realesrnet_tiny
 	$(BIN)/python eval.py benchmark=samples method=seesr_tiny ckpt_path=$(TOUR)/seesr/checkpoints/last.ckpt \
 	  method.dape.dape_checkpoint=$(TOUR)/dape/checkpoints/last.ckpt $(DEMO_FLAGS) hydra.run.dir=$(TOUR)/eval_seesr_tiny
+	$(BIN)/python train.py experiment=dreamclear_tiny $(DEMO_FLAGS) hydra.run.dir=$(TOUR)/dreamclear
 	$(BIN)/python eval.py benchmark=samples method=xpsr_tiny ckpt_path=$(TOUR)/xpsr/checkpoints/last.ckpt \
-	  report.compare=[$(TOUR)/eval_bicubic,$(TOUR)/eval_realesrnet_tiny,$(TOUR)/eval_seesr_tiny] \
 	  $(DEMO_FLAGS) hydra.run.dir=$(TOUR)/eval_xpsr_tiny
-	@echo "table: $(TOUR)/eval_xpsr_tiny/table.md   report: $(TOUR)/eval_xpsr_tiny/report.html"
+	$(BIN)/python eval.py benchmark=samples method=dreamclear_tiny ckpt_path=$(TOUR)/dreamclear/checkpoints/last.ckpt \
+	  report.compare=[$(TOUR)/eval_bicubic,$(TOUR)/eval_realesrnet_tiny,$(TOUR)/eval_seesr_tiny,$(TOUR)/eval_xpsr_tiny] \
+	  $(DEMO_FLAGS) hydra.run.dir=$(TOUR)/eval_dreamclear_tiny
+	@echo "table: $(TOUR)/eval_dreamclear_tiny/table.md   report: $(TOUR)/eval_dreamclear_tiny/report.html"
 
 lint: install
 	$(BIN)/ruff check .

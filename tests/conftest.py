@@ -18,6 +18,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for a module of tiny models: their tensors are a few KB, so with more threads the
+    wake-ups cost more than the maths (up to 100x on a loaded 2-core machine). Opt in with
+    ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _photo_batch(size: int) -> torch.Tensor:
     """Four real photos from scikit-image, area-resized to size x size, (4, 3, size, size) in [0, 1]."""
     import cv2

@@ -66,6 +66,14 @@ def fake_data_root(tmp_path_factory) -> Path:
         write_image(root / "benchmarks/samples" / split / "0001.png", torch.rand(3, size, size))
     for split, size in (("lq", 128), ("gt", 512)):  # data=paired_train (experiment=xpsr)
         write_image(root / "train_pairs" / split / "0001.png", torch.rand(3, size, size))
+    for split, size in (
+        ("sr_bicubic", 1024),
+        ("gt", 1024),
+    ):  # experiment=dreamclear: 1024² pairs with captions
+        write_image(root / "dreamclear_pairs" / split / "0001.png", torch.rand(3, size, size))
+    (root / "dreamclear_pairs/prompts.jsonl").write_text(
+        json.dumps({"path": "0001.png", "caption": "a cat"}) + "\n"
+    )
     xpsr_prompts = {"highlevel": "a photo", "lowlevel": "blurry", "lowlevel_gt": "sharp"}
     (root / "train_pairs/prompts.jsonl").write_text(json.dumps({"path": "0001.png", **xpsr_prompts}) + "\n")
     (root / "xpsr_tiny").mkdir()  # experiment=xpsr_tiny: prompts of the embedded photos
@@ -94,9 +102,16 @@ def _fill_missing(cfg: DictConfig, data_root: Path) -> None:
 
 # Models that load released weights (not downloadable here). The full config must fail with the
 # missing-weights error that names the fix; the rest of it is checked with the tiny parts swapped in.
+#: Methods that are a weights file (released GAN / regression baselines): method.weights=<file>.
+CONFIGURED_BY_FILE = ("spandrel",)
 NEEDS_WEIGHTS = {
     "seesr": ["method/prior=tiny", "method/tagger@method.dape=dape_tiny"],
     "xpsr": ["method/prior=tiny", "+method.controlnet.conditioning_embedding_out_channels=[8,16,16,16]"],
+    "dreamclear": [
+        "method/prior=tiny_pixart",
+        "method/reference=tiny",
+        "method.captioner=null",
+    ],
     "dape": [
         "method.ram.variant=tiny",
         "method.ram.checkpoint=null",
@@ -104,6 +119,10 @@ NEEDS_WEIGHTS = {
         "method.ram.thresholds=null",
     ],
 }
+
+
+# experiment=dreamclear reads precomputed T5 features, settings the tiny prior has no place for
+EXPERIMENT_EXTRA = {"dreamclear": ["~method.prior.load_text_encoder", "~method.prior.text_features"]}
 
 
 def _model_overrides(model: str) -> list[str]:
@@ -120,7 +139,8 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, f
     _link_data(tmp_path, fake_data_root)
     cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
     if experiment in NEEDS_WEIGHTS:  # every experiment names its own model config
-        cfg = compose_config("train", [f"experiment={experiment}", *_model_overrides(experiment)], tmp_path)
+        extra = [*_model_overrides(experiment), *EXPERIMENT_EXTRA.get(experiment, [])]
+        cfg = compose_config("train", [f"experiment={experiment}", *extra], tmp_path)
     assert cfg.task_name == experiment
     assert not OmegaConf.missing_keys(cfg), "experiments must be runnable without further values"
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -131,7 +151,11 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, f
     image = item["hq"] if "hq" in item else item["gt"]  # HR-only data, or pairs degraded offline
     assert image.shape[0] == 3 and image.shape[1] == image.shape[2]
     if cfg.get("degradation") is None:
-        assert item["lq"].shape[-1] * instantiate(cfg.method).scale == image.shape[-1]
+        model_scale = instantiate(cfg.method).scale
+        data_scale = cfg.data.train.get("scale", model_scale)
+        assert item["lq"].shape[-1] * data_scale == image.shape[-1]
+        # 1: the LR stored already upsampled to the GT size (DreamClear's sr_bicubic), which the method reads
+        assert data_scale in (model_scale, 1)
         return
     degradation = instantiate(cfg.degradation)
     model = instantiate(cfg.method, degradation=degradation)
@@ -180,6 +204,13 @@ def test_benchmark_config_builds(benchmark: str, tmp_path: Path, fake_data_root:
 @pytest.mark.parametrize("model", options("method"))
 def test_model_config_instantiates(model: str, tmp_path: Path) -> None:
     cfg = compose_config("train", [f"method={model}"], tmp_path)
+    if model in CONFIGURED_BY_FILE:  # no default: the weights file is the choice (method.weights=<file>)
+        with pytest.raises(Exception, match="Missing mandatory value: method.weights"):
+            instantiate(cfg.method)
+        from restore.models.reference import tiny_reference
+
+        torch.save({"params_ema": tiny_reference().model.state_dict()}, tmp_path / "net.pth")
+        cfg = compose_config("train", [f"method={model}", f"method.weights={tmp_path / 'net.pth'}"], tmp_path)
     if model in NEEDS_WEIGHTS:
         with pytest.raises(Exception, match="fetch|download") as err:
             instantiate(cfg.method)
@@ -188,9 +219,12 @@ def test_model_config_instantiates(model: str, tmp_path: Path) -> None:
         cfg = compose_config("train", [f"method={model}", *_model_overrides(model)], tmp_path)
     method = instantiate(cfg.method)
     x = torch.rand(1, 3, 12, 12)
-    if (model.endswith("_tiny") or model == "bicubic") and hasattr(method, "restore"):  # full size: slow
+    if (model.endswith("_tiny") or model in ("bicubic", *CONFIGURED_BY_FILE)) and hasattr(method, "restore"):
         assert method.restore(x).shape == (1, 3, 48, 48)
     if "optimizer" in cfg.method:  # trainable methods (bicubic is not)
+        method.hparams.scale_lr = (
+            False  # scaling by the global batch needs a Trainer (tests/test_latent_diffusion)
+        )
         optimizer = method.configure_optimizers()["optimizer"]
         assert optimizer.param_groups[0]["lr"] == cfg.method.optimizer.lr
 

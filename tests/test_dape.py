@@ -46,12 +46,7 @@ ENV = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _official_lora_keys(depths=(2, 2, 18, 2), layers=2) -> set[str]:

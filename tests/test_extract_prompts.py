@@ -41,6 +41,7 @@ from restore.models.captioners import (
 )
 from restore.models.dape import load_dape
 from restore.weights.manifest import MissingWeightsError
+from tests.captioner_spies import ProcessorSpy
 
 # The official high-level prompt, verbatim (qyp2000/XPSR utils_data/highlevel_prompt_{train,test}.py).
 OFFICIAL_HIGHLEVEL_PROMPT = (
@@ -72,28 +73,7 @@ class Counting:
         return sum(self.calls)
 
 
-class ProcessorSpy:
-    """Stands in for the captioner's processor: records the text of each call, delegates everything."""
-
-    def __init__(self, inner):
-        self.inner, self.texts = inner, []
-
-    def __call__(self, **kwargs):
-        self.texts.append(list(kwargs["text"]))
-        return self.inner(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models' tensors are a few KB: with several intra-op threads, thread wake-ups cost far more than
-    the maths (100x on a loaded 2-core machine), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

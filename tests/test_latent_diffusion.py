@@ -261,10 +261,12 @@ def test_scale_lr_multiplies_by_effective_batch(tmp_path, photos_64) -> None:
         def train_dataloader(self):
             return DataLoader(_Fixed(photos_64), batch_size=self.batch_size)
 
-    model = ControlSR(tiny_prior(), optimizer=_adamw(1e-4), scale_lr=True)
-    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=2)
-    trainer.fit(model, datamodule=DM())
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 2 * 2)
+    # linear (diffusers' --scale_lr): x global batch; sqrt (PixArt's auto_lr): x sqrt(global / base batch)
+    for rule, base, expected in ((True, 1, 1e-4 * 4), ("sqrt", 128, 1e-4 * math.sqrt(4 / 128))):
+        model = ControlSR(tiny_prior(), optimizer=_adamw(1e-4), scale_lr=rule, lr_base_batch=base)
+        trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=2)
+        trainer.fit(model, datamodule=DM())
+        assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_loss_weights_scale_named_terms_and_unknown_names_are_refused(tmp_path, photos_64) -> None:

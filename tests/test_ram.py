@@ -18,14 +18,7 @@ from restore.models.ram.swin import SwinTransformer
 from restore.models.ram.tagging_head import TaggingHead
 from restore.weights.manifest import get as manifest_entry
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models, many small ops: one thread (a second one mostly waits on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # Swin-L 384 features (= timm swin_large_patch4_window12_384 without its head: 196,735,516 - 1,537,000).

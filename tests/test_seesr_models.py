@@ -43,13 +43,7 @@ UNET_RCA_SITES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is as fast, and far faster when the 2 cores are shared with other jobs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _read_tsv(name: str) -> list[tuple[str, str]]:

@@ -42,10 +42,20 @@ from restore.weights.random_init import materialize_random_weights
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("RESTORE_WEIGHTS_DIR", str(tmp_path / "weights"))
     import torch.hub
 
     assert Path(torch.hub.get_dir()) == tmp_path / "torch" / "hub"  # no set_dir override in this process
     return tmp_path / "torch" / "hub"
+
+
+def compose_paths(weights: Path) -> dict:
+    """configs/paths/default.yaml's weights_dir resolved with the environment of the test."""
+    from omegaconf import OmegaConf
+
+    paths = OmegaConf.load(PROJECT_ROOT / "configs" / "paths" / "default.yaml")
+    paths.root_dir = "/nonexistent"
+    return {"weights_dir": OmegaConf.create({"paths": paths}).paths.weights_dir}
 
 
 def _hf(url: str) -> str:
@@ -94,6 +104,10 @@ def test_destinations_follow_torch_home(torch_home):
     assert get("LPIPS_v0.1_alex-df73285e.pth").path == torch_home / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth"
     assert get("alexnet-owt-7be5be79.pth").path == torch_home / "checkpoints" / "alexnet-owt-7be5be79.pth"
     assert get("RN50.pt").path == torch_home / "clip" / "RN50.pt"  # pyiqa's clip loader: get_dir()/clip
+    # released method weights: $RESTORE_WEIGHTS_DIR, the folder the configs read as paths.weights_dir
+    weights = torch_home.parents[1] / "weights"
+    assert get("RealESRGAN_x4plus.pth").path == weights / "RealESRGAN_x4plus.pth"
+    assert compose_paths(weights)["weights_dir"] == str(weights)
     import pyiqa.utils.download_util as du
 
     before = du.DEFAULT_CACHE_DIR

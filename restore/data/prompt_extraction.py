@@ -73,7 +73,8 @@ def _captioner_config_dir() -> Path:
     return CONFIG_DIR / "method" / "captioner"
 
 
-#: Where ``--field NAME=<config>`` finds captioner configs (``llava15_7b``, ``qinstruct``, ``tiny_llava``).
+#: Where ``--field NAME=<config>`` finds captioner configs (``llava15_7b``, ``qinstruct``, ``dreamclear_llava``,
+#: ``tiny_llava``, ``tiny_llava_next``).
 CAPTIONER_CONFIG_DIR = _captioner_config_dir()
 #: Source names that mean SeeSR's DAPE tagger (full size: RAM Swin-L + DAPE.pth; tiny: random, CPU).
 DAPE_SOURCES = ("dape", "dape_tiny")
@@ -270,6 +271,27 @@ def _instantiate(cfg: Any, **overrides: Any) -> Any:
         raise
 
 
+def _prompt_and_decoding(cfg: Mapping[str, Any], defaults: bool = False) -> dict[str, Any]:
+    """A captioner config's prompt template and decoding settings (``MLLMCaptioner`` keyword arguments).
+
+    Keys the config leaves out (or null) are omitted, so ``with_instruction`` keeps the captioner's own; with
+    ``defaults`` they take ``MLLMCaptioner``'s defaults (the same as ``from_pretrained``'s) instead, so a config
+    sharing another config's checkpoint gets what it would have got loading the checkpoint itself.
+    """
+    import inspect
+
+    from restore.models.captioners import MLLMCaptioner
+
+    out: dict[str, Any] = {}
+    signature = inspect.signature(MLLMCaptioner.__init__).parameters
+    for key in ("prompt_template", "temperature", "top_p", "seed"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+        elif defaults:
+            out[key] = signature[key].default
+    return out
+
+
 def build_prompt_sources(
     fields: Mapping[str, str],
     tiny: bool = False,
@@ -283,13 +305,15 @@ def build_prompt_sources(
     """Field name -> prompt source, from source names (see :func:`parse_field_specs`).
 
     A source is a captioner config of ``configs/method/captioner/`` (``llava15_7b``, ``qinstruct``,
-    ``tiny_llava``) or a path to such a ``.yaml`` (instantiated with Hydra; ``device``, ``torch_dtype``,
-    ``max_new_tokens`` and ``model_paths[field]`` override its entries), ``dape`` (RAM Swin-L
-    ``ram_checkpoint``, default the weights manifest's, + ``dape_checkpoint``; missing files raise
+    ``dreamclear_llava``, ``tiny_llava``, ``tiny_llava_next``) or a path to such a ``.yaml`` (instantiated with
+    Hydra, built at once even when the config is ``_partial_`` for a method to build on first use;
+    ``device``, ``torch_dtype``, ``max_new_tokens`` and ``model_paths[field]`` override its entries), ``dape``
+    (RAM Swin-L ``ram_checkpoint``, default the weights manifest's, + ``dape_checkpoint``; missing files raise
     :class:`restore.weights.MissingWeightsError`) or ``dape_tiny``. ``tiny`` swaps every captioner for
-    :func:`restore.models.captioners.tiny_llava` asked the config's instruction, and ``dape`` for
-    ``dape_tiny``: the whole pipeline on a CPU with no download. Captioners of one checkpoint share its
-    weights.
+    :func:`restore.models.captioners.tiny_llava` asked the config's instruction with its prompt template and
+    decoding (temperature, top-p, seed), and ``dape`` for ``dape_tiny``: the whole pipeline on a CPU with no
+    download. Captioners of one checkpoint share its weights; each keeps its config's instruction, prompt
+    template, budget and decoding.
     """
     from restore.models.captioners import MLLMCaptioner, tiny_llava
     from restore.models.dape import load_dape
@@ -315,7 +339,9 @@ def build_prompt_sources(
             continue
         cfg = _captioner_config(source)
         if tiny:
-            captioner = tiny_llava(str(cfg.instruction), seed=0)
+            captioner = tiny_llava(str(cfg.instruction), seed=0).with_instruction(
+                str(cfg.instruction), **_prompt_and_decoding(cfg)
+            )
             if max_new_tokens is not None:
                 captioner.max_new_tokens = max_new_tokens
             sources[name] = captioner.to(device).caption
@@ -337,12 +363,18 @@ def build_prompt_sources(
                 merged.get("local_files_only"),
             )
             if share_key in loaded:  # same checkpoint: reuse its weights with this field's instruction
-                captioner = loaded[share_key].with_instruction(str(merged["instruction"]))
-                if merged.get("prompt_template") is not None:
-                    captioner.prompt_template = str(merged["prompt_template"])
-                captioner.max_new_tokens = merged.get("max_new_tokens")
+                base = loaded[share_key]
+                captioner = MLLMCaptioner(
+                    base.model,
+                    base.processor,
+                    str(merged["instruction"]),
+                    max_new_tokens=merged.get("max_new_tokens"),
+                    source=base.source,
+                    **_prompt_and_decoding(merged, defaults=True),
+                )
             else:
-                captioner = _instantiate(cfg, **overrides)
+                # A method's config may be _partial_ (built on first use); here the captioner is needed now.
+                captioner = _instantiate(cfg, _partial_=False, **overrides)
                 loaded[share_key] = captioner
         else:
             if name in model_paths:

@@ -64,16 +64,18 @@ def _names(items: Sequence[object], shown: int = 10) -> str:
     return head + (f" (and {len(items) - shown} more)" if len(items) > shown else "")
 
 
-def _positive(name: str, value: int) -> int:
+def positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise PrepareError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
 # --------------------------------------------------------------------------------------- output folder
-def check_output_folder(out: Path, planned: Sequence[str], overwrite: bool) -> None:
+def check_output_folder(
+    out: Path, planned: Sequence[str], overwrite: bool, folders: Sequence[str] = ("lq", "gt")
+) -> None:
     """Refuse before writing anything if the run would replace files (without ``overwrite``) or leave
-    foreign images next to its own (a stale larger run would silently mix into the test set).
+    foreign images next to its own in ``folders`` (a stale larger run would silently mix into the set).
 
     ``planned`` are the paths, relative to ``out`` and in POSIX form, that the run will write.
     """
@@ -85,7 +87,7 @@ def check_output_folder(out: Path, planned: Sequence[str], overwrite: bool) -> N
             "pass --overwrite to replace them, or choose another --out"
         )
     foreign = []
-    for sub in ("lq", "gt"):
+    for sub in folders:
         root = out / sub
         if root.is_dir():
             for dirpath, _, filenames in os.walk(root):
@@ -256,8 +258,8 @@ def prepare_paired(
 ) -> Summary:
     """StableSR protocol for real captures: ``OUT/lq/NAME.png`` (lr_size²) and ``OUT/gt/NAME.png``
     (the same region, (lr_size·scale)²). All sizes are checked (file headers) before anything is written."""
-    _positive("--lr-size", lr_size)
-    _positive("--scale", scale)
+    positive_int("--lr-size", lr_size)
+    positive_int("--scale", scale)
     out = Path(out)
     problems = []
     for pair in pairs:
@@ -323,8 +325,8 @@ def plan_random_crops(
     """``num`` random ``crop``² boxes spread evenly over ``sources`` ((key, (height, width)) pairs):
     crop i comes from source ``i % len(sources)`` (3,000 crops of 100 images -> 30 each), so the first
     crops do not change when ``num`` grows."""
-    _positive("--num", num)
-    _positive("--crop", crop)
+    positive_int("--num", num)
+    positive_int("--crop", crop)
     if not sources:
         raise PrepareError("no source images to crop")
     plans = []
@@ -381,7 +383,7 @@ def degrade_crops(
     the GT unsharp masking (USM), the pipeline's most expensive step, runs batched and is bit-identical
     per image whatever the batch (checked by the tests).
     """
-    _positive("--batch-size", batch_size)
+    positive_int("--batch-size", batch_size)
     out = Path(out)
     full = RealESRGANDegradation.from_preset(preset)
     scale = full.config.scale
@@ -463,7 +465,7 @@ def prepare_div2k_val(
     """DIV2K-Val style synthetic pairs: ``num`` random ``crop``² GT crops of the images in ``src``,
     degraded with ``preset``. Images smaller than the crop are an error (a wrong source folder: all
     DIV2K images are larger), or skipped with a logged reason with ``skip_small``."""
-    _check_preset(preset)
+    check_preset(preset)
     src = Path(src)
     files = list_images(src)
     sources, skipped = [], []
@@ -518,8 +520,8 @@ def prepare_samples(
 ) -> Summary:
     """Tiny paired set with no download (``benchmark=samples``): the centre ``crop``² of each photo
     bundled with scikit-image as GT, degraded with ``preset``; files are named after the photos."""
-    _check_preset(preset)
-    _positive("--crop", crop)
+    check_preset(preset)
+    positive_int("--crop", crop)
     plans = []
     for i, name in enumerate(EMBEDDED_PHOTO_NAMES):
         h, w = load_embedded_photo(name).shape[:2]
@@ -542,7 +544,7 @@ def prepare_samples(
     )
 
 
-def _check_preset(preset: str) -> None:
+def check_preset(preset: str) -> None:
     available = available_presets()
     if preset not in available:
         raise PrepareError(f"unknown --preset {preset!r}; available: {', '.join(available)}")
@@ -574,7 +576,7 @@ def prepare_lr_only(
     suffix, hidden, or undecodable) are skipped with a logged reason, listed in meta.json."""
     src, out = Path(src), Path(out)
     if max_side is not None:
-        _positive("--max-side", max_side)
+        positive_int("--max-side", max_side)
     if not src.is_dir():
         raise PrepareError(f"source folder '{src}' does not exist")
     candidates, skipped = [], []

@@ -141,12 +141,16 @@ def method_choice(cfg: DictConfig) -> str | None:
 
 
 def method_label(cfg: DictConfig) -> str:
-    """Column name of the evaluated system: ``label``, else the method's config name (``method=seesr_tiny``), else
-    the scored folder's name."""
+    """Column name of the evaluated system: ``label``, else the stem of the weights file of a method defined by
+    one (``method=spandrel method.weights=.../RealESRGAN_x4plus.pth``), else the method's config name
+    (``method=seesr_tiny``), else the scored folder's name."""
     if cfg.get("label"):
         return str(cfg.label)
     method = cfg.get("method")
     if method is not None:
+        weights = OmegaConf.select(method, "weights", default=None, throw_on_missing=False)
+        if isinstance(weights, str) and weights:
+            return Path(weights).stem
         choice = method_choice(cfg)
         return choice or str(method.get("_target_", "method")).rsplit(".", 1)[-1]
     if cfg.get("outputs"):

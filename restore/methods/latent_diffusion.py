@@ -33,6 +33,7 @@ per-rank ``torch.Generator`` saved in checkpoints, so a resumed run draws what a
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -113,7 +114,10 @@ class LatentDiffusionSR(L.LightningModule):
         ema_decay: EMA of the trainable parameters (diffusers ``EMAModel``); ``None`` = off.
         gradient_checkpointing: enable it on the trainable diffusers modules and on the prior's denoiser (the loss
             back-propagates through the frozen denoiser into the condition modules, so its activations count too).
-        scale_lr: multiply the optimiser's lr by ``batch_size x accumulate_grad_batches x world_size``.
+        scale_lr: scale the optimiser's lr with the global batch ``B = batch_size x accumulate_grad_batches x
+            world_size``: ``true`` / ``"linear"``: x ``B / lr_base_batch`` (diffusers' ``--scale_lr``);
+            ``"sqrt"``: x ``sqrt(B / lr_base_batch)`` (PixArt's ``auto_lr`` rule); ``false``: as configured.
+        lr_base_batch: the global batch at which the configured lr applies unscaled.
         skip_nonfinite_loss: on a NaN/inf loss skip the step (all ranks together) instead of stopping.
         text_cache_size: keep the prior's encodings of up to this many distinct prompts (its encoders are
             frozen, so an entry stays valid); 0 = the prior's own setting. Worth it when prompts repeat.
@@ -142,7 +146,8 @@ class LatentDiffusionSR(L.LightningModule):
         null_prompt_prob: float = 0.5,
         ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
-        scale_lr: bool = False,
+        scale_lr: bool | str = False,
+        lr_base_batch: int = 1,
         skip_nonfinite_loss: bool = False,
         text_cache_size: int = 0,
     ) -> None:
@@ -321,7 +326,7 @@ class LatentDiffusionSR(L.LightningModule):
             raise ValueError("training needs `method.optimizer` (a `_partial_: true` optimizer config)")
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.hparams.scale_lr:
-            factor = self._lr_scale_factor()
+            factor = self._lr_scale_factor(self.hparams.scale_lr, self.hparams.get("lr_base_batch", 1))
             for group in optimizer.param_groups:
                 group["lr"] *= factor
         if self.scheduler_factory is None:
@@ -329,11 +334,14 @@ class LatentDiffusionSR(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _lr_scale_factor(self) -> int:
+    def _lr_scale_factor(self, rule: bool | str, base_batch: int) -> float:
+        if rule not in (True, "linear", "sqrt"):
+            raise ValueError(f"scale_lr must be false, true, 'linear' or 'sqrt', got {rule!r}")
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
         if not isinstance(batch_size, int):
-            raise ValueError("scale_lr=true needs a datamodule with an integer `batch_size`")
-        return batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
+            raise ValueError("scale_lr needs a datamodule with an integer `batch_size`")
+        ratio = batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size / base_batch
+        return math.sqrt(ratio) if rule == "sqrt" else ratio
 
     # ------------------------------------------------------------------ inference
     def denoise(self, latents: Tensor, t: Tensor, condition: Any, spatial: Mapping[str, Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""Checkpoint files restore can use (now: the metric weights), where their loaders look, and how to get them.
+"""Checkpoint files restore can use (metric weights and released method weights), where their loaders look, and how to get them.
 
 ``python -m restore.weights list|fetch|path`` is the command line; :func:`check_metric_weights` is what the
 metric suite calls before pyiqa would try (and, offline, fail) to download. ``restore.weights.random_init``
@@ -18,10 +18,12 @@ from restore.weights.manifest import (
     cache_dir,
     check_metric_weights,
     files_for_metric,
+    find_by_file_name,
     get,
     manifest,
     metric_model_path,
     pyiqa_cache_synced,
+    weights_dir,
 )
 
 __all__ = [
@@ -35,8 +37,10 @@ __all__ = [
     "derive_niqe_params_from_basicsr",
     "fetch",
     "files_for_metric",
+    "find_by_file_name",
     "get",
     "manifest",
     "metric_model_path",
     "pyiqa_cache_synced",
+    "weights_dir",
 ]

@@ -5,7 +5,7 @@
                                  download into the cache the loader reads (verified, atomic)
     path NAME                    print the path the loader reads NAME from
 
-Caches follow TORCH_HOME (torch.hub.get_dir()) and HF_HOME, so fetching on a machine with internet and
+Caches follow TORCH_HOME (torch.hub.get_dir()), HF_HOME and RESTORE_WEIGHTS_DIR (method weights), so fetching on a machine with internet and
 copying those directories makes an offline machine complete.
 """
 
@@ -37,7 +37,7 @@ def cmd_list() -> int:
         status = "present" if wf.exists() else "missing"
         if status == "present" and wf.is_random():
             status = "present (RANDOM)"
-        rows.append((wf.name, _size(wf), ",".join(wf.used_by), status, str(wf.path)))
+        rows.append((wf.name, _size(wf), ",".join(wf.used_by) or wf.used_for, status, str(wf.path)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])

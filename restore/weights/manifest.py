@@ -31,7 +31,10 @@ import yaml
 log = logging.getLogger(__name__)
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.yaml")
-DESTINATIONS = ("pyiqa", "torchvision", "clip", "hf")
+DESTINATIONS = ("pyiqa", "torchvision", "clip", "hf", "weights")
+#: Overrides where method weights (destination ``weights``) live; configs read the same folder as
+#: ``paths.weights_dir``.
+WEIGHTS_DIR_ENV = "RESTORE_WEIGHTS_DIR"
 #: Suffix of the marker written next to a file made by ``random_init`` (never by a download).
 RANDOM_MARKER_SUFFIX = ".random-init.json"
 
@@ -49,6 +52,7 @@ class WeightFile:
     size_exact: bool = False
     license: str = ""
     used_by: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    used_for: str = ""
     replaced_by_option: str | None = None
     offline_source: str | None = None
     hf_repo: str | None = None
@@ -147,12 +151,31 @@ def cache_dir(destination: str) -> Path:
         return torch_hub_dir() / "clip"
     if destination == "hf":
         return hf_hub_cache()
+    if destination == "weights":
+        return weights_dir()
     raise ValueError(f"unknown destination {destination!r}")
 
 
 def cache_root(destination: str) -> Path:
     """The directory to copy between machines for a destination kind."""
+    if destination == "weights":
+        return weights_dir()
     return hf_hub_cache() if destination == "hf" else torch_hub_dir()
+
+
+def weights_dir() -> Path:
+    """Where released method weights live (``paths.weights_dir`` of the configs): ``$RESTORE_WEIGHTS_DIR``, else
+    ``$PROJECT_ROOT/weights``, else ``weights/`` of the checkout."""
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        return Path(os.environ[WEIGHTS_DIR_ENV]).expanduser()
+    from restore import PROJECT_ROOT
+
+    return Path(os.environ.get("PROJECT_ROOT") or PROJECT_ROOT) / "weights"
+
+
+def find_by_file_name(name: str) -> WeightFile | None:
+    """The manifest entry whose file is called ``name`` (e.g. to tell where a missing method file comes from)."""
+    return next((wf for wf in manifest() if Path(wf.name).name == name), None)
 
 
 def hf_hub_cache() -> Path:

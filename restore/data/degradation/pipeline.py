@@ -301,7 +301,7 @@ class RealESRGANDegradation(torch.nn.Module):
         h, w = hq.shape[-2:]
         if h % self.config.scale or w % self.config.scale:
             raise ValueError(f"HR size {h}x{w} is not divisible by scale {self.config.scale}; crop it first")
-        self._check_min_size(h, w)
+        self.check_input_size(h, w)
         device = generator.device if generator is not None else hq.device
         params = self.draw(hq.shape[0], generator, device)
         if len(params) == 1:
@@ -318,7 +318,7 @@ class RealESRGANDegradation(torch.nn.Module):
             return [self.sample_params(1, generator, device) for _ in range(batch)]
         return [self.sample_params(batch, generator, device)]
 
-    def _check_min_size(self, h: int, w: int) -> None:
+    def check_input_size(self, h: int, w: int) -> None:
         """Reflect padding needs every blurred image larger than the kernel radius: the HR input (USM,
         radius 25), the stage-1 output (blur 2, radius 10) and the LR output (final sinc, radius 10)."""
         c = self.config
