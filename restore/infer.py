@@ -43,6 +43,7 @@ __all__ = [
     "main",
     "plan_outputs",
     "record_config",
+    "load_method",
     "resolve_device",
 ]
 
@@ -173,7 +174,9 @@ def _method_name(cfg: DictConfig) -> str:
     return str(cfg.method.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def _load_module(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+def load_method(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """``cfg.method`` instantiated with its weights (``ckpt_path`` or the released ones it names), on ``device``,
+    in eval mode; a method without weights is refused unless ``requires_weights=false``."""
     from hydra.utils import instantiate
 
     from restore.evaluation.runner import requires_weights
@@ -257,7 +260,7 @@ def infer(cfg: DictConfig) -> InferSummary:
     record.update(input=str(input_path), output=str(output_dir))  # absolute: same run, same record
     if todo:
         seed_from_config(cfg)
-        module = _load_module(cfg, device)
+        module = load_method(cfg, device)
         bar = tqdm(todo, desc="restore", unit="img", disable=not cfg.get("progress", True))
         for src, dst in bar:
             try:

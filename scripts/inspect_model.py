@@ -2,6 +2,7 @@
 
     python scripts/inspect_model.py model=seesr|xpsr part=unet|controlnet
     python scripts/inspect_model.py model=dreamclear part=controlformer|official
+    python scripts/inspect_model.py model=stablesr part=encoder|unet|official|cfw
     python scripts/inspect_model.py model=sd15|sd2_base|sdxl_base|pixart_alpha part=vae|unet|transformer|text_encoder
 
 Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order: the layout of a
@@ -72,6 +73,39 @@ def _dreamclear_official() -> _StateOnly:
     return _StateOnly(ours_to_official(_dreamclear_controlformer().state_dict()))
 
 
+def _stablesr_encoder() -> torch.nn.Module:
+    import torch
+
+    from restore.models.stablesr import TimeAwareEncoder, stablesr_encoder_config
+
+    with torch.device("meta"):
+        return TimeAwareEncoder(**stablesr_encoder_config())
+
+
+def _stablesr_unet() -> torch.nn.Module:
+    from restore.models.priors import sd21_base_prior
+    from restore.models.stablesr import add_sft
+
+    unet = sd21_base_prior(device="meta").unet
+    add_sft(unet)
+    return unet
+
+
+def _stablesr_official() -> _StateOnly:
+    from restore.models.stablesr import ours_to_official, sft_state_dict
+
+    return _StateOnly(ours_to_official(_stablesr_encoder().state_dict(), sft_state_dict(_stablesr_unet())))
+
+
+def _stablesr_cfw() -> torch.nn.Module:
+    import torch
+
+    from restore.models.cfw import build_cfw_autoencoder
+
+    with torch.device("meta"):
+        return build_cfw_autoencoder()
+
+
 def _prior_part(builder: str, part: str) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         from restore.models import priors
@@ -93,6 +127,14 @@ MODELS: dict[str, dict[str, Callable[[], torch.nn.Module]]] = {
     "xpsr": {"unet": _xpsr_unet, "controlnet": _xpsr_controlnet},
     # the trainable parts of DreamClear (on PixArt-α's transformer), in our layout or the released one
     "dreamclear": {"controlformer": _dreamclear_controlformer, "official": _dreamclear_official},
+    # StableSR: the time-aware encoder, the SD-2.1 UNet with its SFT layers, both trained parts in the released
+    # layout (stablesr_000117.ckpt), and the stage-2 CFW autoencoder
+    "stablesr": {
+        "encoder": _stablesr_encoder,
+        "unet": _stablesr_unet,
+        "official": _stablesr_official,
+        "cfw": _stablesr_cfw,
+    },
     **{
         name: {part: _prior_part(builder, part) for part in parts}
         for name, (builder, parts) in _PRIORS.items()

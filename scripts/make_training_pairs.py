@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--src", type=Path, nargs="+", required=True, help="HR image folder(s), recursive")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="HR image folder(s), recursive; `embedded`: the photos bundled with scikit-image (demo, tests)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (gt/, lr/, sr_bicubic/)")
     parser.add_argument(
         "--preset", default="realesrgan", choices=available_presets(), help="degradation (default realesrgan)"
@@ -59,16 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _embedded_folder(out: Path) -> Path:
+    """The scikit-image photos written as PNGs to ``out/hr_embedded`` (once): an HR folder for ``--src``."""
+    from restore.data.hr_datasets import EMBEDDED_PHOTO_NAMES, load_embedded_photo
+    from restore.data.image_io import write_image
+
+    folder = out / "hr_embedded"
+    for name in EMBEDDED_PHOTO_NAMES:
+        path = folder / f"{name}.png"
+        if not path.exists():
+            write_image(path, load_embedded_photo(name))
+    return folder
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Prints a one-line summary; known problems end with 'error: ...' and exit status 2."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    sources = [_embedded_folder(args.out) if str(src) == "embedded" else src for src in args.src]
     try:
         with logging_redirect_tqdm():
             summary = make_training_pairs(
-                args.src, args.out, args.preset, args.crop, args.epochs, args.seed, args.gt,
+                sources, args.out, args.preset, args.crop, args.epochs, args.seed, args.gt,
                 args.batch_size, args.device, args.overwrite, not args.no_progress,
             )  # fmt: skip
     except (PrepareError, ImageReadError) as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -76,6 +77,12 @@ def fake_data_root(tmp_path_factory) -> Path:
     )
     xpsr_prompts = {"highlevel": "a photo", "lowlevel": "blurry", "lowlevel_gt": "sharp"}
     (root / "train_pairs/prompts.jsonl").write_text(json.dumps({"path": "0001.png", **xpsr_prompts}) + "\n")
+    write_image(root / "DIV8K/0001.png", img)  # experiment=stablesr
+    cfw = root / "cfw_pairs"  # experiment=stablesr_cfw: stage-1 latents with the upsampled LR and the GT
+    for folder in ("inputs", "gts"):
+        write_image(cfw / folder / "0001.png", torch.rand(3, 64, 64))
+    (cfw / "latents").mkdir()
+    np.save(cfw / "latents/0001.npy", np.zeros((1, 4, 8, 8), np.float32))
     (root / "xpsr_tiny").mkdir()  # experiment=xpsr_tiny: prompts of the embedded photos
     (root / "xpsr_tiny/prompts.jsonl").write_text(
         "".join(json.dumps({"path": f"skimage/{n}.png", **xpsr_prompts}) + "\n" for n in EMBEDDED_PHOTO_NAMES)
@@ -112,6 +119,8 @@ NEEDS_WEIGHTS = {
         "method/reference=tiny",
         "method.captioner=null",
     ],
+    "stablesr": ["method/prior=tiny"],
+    "stablesr_cfw": ["method/prior=tiny"],
     "dape": [
         "method.ram.variant=tiny",
         "method.ram.checkpoint=null",
@@ -151,7 +160,7 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, f
     image = item["hq"] if "hq" in item else item["gt"]  # HR-only data, or pairs degraded offline
     assert image.shape[0] == 3 and image.shape[1] == image.shape[2]
     if cfg.get("degradation") is None:
-        model_scale = instantiate(cfg.method).scale
+        model_scale = getattr(instantiate(cfg.method), "scale", 1)  # StableSR's CFW stage: no scale
         data_scale = cfg.data.train.get("scale", model_scale)
         assert item["lq"].shape[-1] * data_scale == image.shape[-1]
         # 1: the LR stored already upsampled to the GT size (DreamClear's sr_bicubic), which the method reads
@@ -225,7 +234,8 @@ def test_model_config_instantiates(model: str, tmp_path: Path) -> None:
         method.hparams.scale_lr = (
             False  # scaling by the global batch needs a Trainer (tests/test_latent_diffusion)
         )
-        optimizer = method.configure_optimizers()["optimizer"]
+        optimizers = method.configure_optimizers()
+        optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers[0]
         assert optimizer.param_groups[0]["lr"] == cfg.method.optimizer.lr
 
 

@@ -14,10 +14,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from restore.data.hr_datasets import load_embedded_photo
 from restore.methods.checkpoints import CheckpointMismatchError
 from restore.methods.dreamclear import DreamClear, dreamclear_output_size
 from restore.models.dreamclear import (
@@ -29,6 +27,7 @@ from restore.models.dreamclear import (
 from restore.models.priors import tiny_pixart_prior
 from restore.models.reference import BicubicReference, ReferenceWeightsError, SpandrelRestorer, tiny_reference
 from restore.models.rrdbnet import RRDBNet
+from tests.tiny_training import EmbeddedPairs, fit_on_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = {"num_steps": 3, "latent_tile": 16, "latent_tile_overlap": 4, "seed": 0, "progress": False}
@@ -47,33 +46,8 @@ def _tiny(**kwargs) -> DreamClear:
     return DreamClear(**{**defaults, **kwargs})
 
 
-class _Pairs(Dataset):
-    def __init__(self) -> None:
-        photos = [
-            torch.from_numpy(load_embedded_photo(n)).permute(2, 0, 1).float() for n in ("astronaut", "coffee")
-        ]
-        self.gt = torch.stack([F.interpolate(p[None], size=(64, 64), mode="area")[0] for p in photos])
-        self.lq = F.interpolate(self.gt, scale_factor=0.25, mode="area")
-
-    def __len__(self) -> int:
-        return 2
-
-    def __getitem__(self, i: int) -> dict:
-        return {"gt": self.gt[i], "lq": self.lq[i], "key": f"p{i}", "prompt": f"a photo number {i}"}
-
-
 def _fit(module: DreamClear, tmp_path: Path, steps: int = 2) -> L.Trainer:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, DataLoader(_Pairs(), batch_size=2))
-    return trainer
+    return fit_on_cpu(module, tmp_path, steps, EmbeddedPairs(prompts=True))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -98,7 +72,7 @@ def test_training_learns_the_variance_and_checkpoints_only_the_controlformer(tmp
 
 def test_training_batch_holds_the_mode_latents_of_the_upsampled_lr_and_the_reference(tmp_path) -> None:
     module = _tiny()
-    batch = next(iter(DataLoader(_Pairs(), batch_size=2)))
+    batch = next(iter(DataLoader(EmbeddedPairs(), batch_size=2)))
     conditions = module.condition_latents(batch["lq"], (64, 64))
     reference = module.reference(batch["lq"], (64, 64))
     torch.testing.assert_close(conditions["reference"], reference)
@@ -214,7 +188,7 @@ def test_spandrel_loads_official_layouts_and_runs_them_at_their_scale(tmp_path) 
     with torch.no_grad():
         expected = swinir(BicubicReference()(lq, (32, 32))).clamp(0, 1)
         torch.testing.assert_close(restorer(lq, (32, 32)), expected)
-    with pytest.raises(ReferenceWeightsError, match="do not exist"):
+    with pytest.raises(ReferenceWeightsError, match="does not exist"):
         SpandrelRestorer.from_file(tmp_path / "missing.pth")
     torch.save({"not": torch.zeros(1)}, tmp_path / "junk.pth")
     with pytest.raises(ReferenceWeightsError, match="no architecture spandrel knows"):

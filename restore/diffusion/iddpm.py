@@ -16,6 +16,10 @@ The official code is ``openai/improved-diffusion``, copied into ``PixArt-alpha/P
   dimension, computed with the mean detached (only the variance learns from it): KL(q(x_{t-1}|x_t, x_0) ||
   p(x_{t-1}|x_t)) for t>0, the discretised-Gaussian decoder NLL (bins of 2/255, tanh approximation of the normal
   CDF) for t=0. PixArt's ``IDDPM`` uses plain ``MSE`` loss type (no rescaling), so ``loss = mse + vb``.
+- **Fixed small variance** (``variance="fixed_small"``): an eps-only network sampled with the posterior variance.
+  This is LDM's DDPM sampler after ``register_schedule(given_betas=respaced betas)``, as StableSR samples
+  (``IceClear/StableSR: scripts/sr_val_ddpm_text_T_vqganfin_old.py``, 200 of 1000 steps, the network given the
+  original timestep).
 - **Sampling** (:meth:`LearnedRangeSchedule.p_sample`): ancestral, ``x_{k-1} = mean + exp(log var / 2) z``, no
   noise at k=0, ``clip_denoised=False`` (DreamClear).
 
@@ -178,28 +182,47 @@ class LearnedRangeSchedule:
         )
         return mean, self._at(self.posterior_log_variance_clipped, k, x_t)
 
-    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean, log variance, predicted x_0) of p(x_{k-1} | x_k) for an ``[eps, v]`` output (no clipping)."""
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, k: Tensor, variance: str = "learned_range"
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean, log variance, predicted x_0) of p(x_{k-1} | x_k), no clipping of x_0.
+
+        ``variance="learned_range"``: the output is ``[eps, v]`` and the log variance interpolates between the
+        clipped posterior's and beta's; ``"fixed_small"``: the output is eps and the variance the posterior's
+        (LDM's ``posterior_log_variance_clipped``, equal to this one wherever noise is added, i.e. k > 0).
+        """
         channels = x_t.shape[1]
-        if model_output.shape[1] != 2 * channels:
-            raise ValueError(
-                f"learned-range variance needs 2 x {channels} output channels (eps, v), got {model_output.shape[1]}"
-            )
-        eps, v = model_output[:, :channels], model_output[:, channels:]
-        min_log = self._at(self.posterior_log_variance_clipped, k, x_t)
-        max_log = self._at(self.log_betas, k, x_t)
-        frac = (v + 1) / 2
-        log_variance = frac * max_log + (1 - frac) * min_log
+        if variance == "fixed_small":
+            if model_output.shape[1] != channels:
+                raise ValueError(
+                    f"fixed_small variance needs {channels} output channels, got {model_output.shape[1]}"
+                )
+            eps = model_output
+            log_variance = self._at(self.posterior_log_variance_clipped, k, x_t).expand_as(x_t)
+        elif variance == "learned_range":
+            if model_output.shape[1] != 2 * channels:
+                raise ValueError(
+                    f"learned-range variance needs 2 x {channels} output channels (eps, v), got {model_output.shape[1]}"
+                )
+            eps, v = model_output[:, :channels], model_output[:, channels:]
+            min_log = self._at(self.posterior_log_variance_clipped, k, x_t)
+            max_log = self._at(self.log_betas, k, x_t)
+            frac = (v + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+        else:
+            raise ValueError(f"variance must be 'learned_range' or 'fixed_small', got {variance!r}")
         pred_x0 = self._at(self.sqrt_recip_alphas_cumprod, k, x_t) * x_t - (
             self._at(self.sqrt_recipm1_alphas_cumprod, k, x_t) * eps
         )
         mean, _ = self.q_posterior(pred_x0, x_t, k)
         return mean, log_variance, pred_x0
 
-    def p_sample(self, model_output: Tensor, x_t: Tensor, k: int, noise: Tensor | None) -> Tensor:
+    def p_sample(
+        self, model_output: Tensor, x_t: Tensor, k: int, noise: Tensor | None, variance: str = "learned_range"
+    ) -> Tensor:
         """One ancestral step from index ``k`` (``noise`` is ignored, and may be ``None``, at k=0)."""
         index = torch.full((x_t.shape[0],), int(k), dtype=torch.long)
-        mean, log_variance, _ = self.p_mean_variance(model_output, x_t, index)
+        mean, log_variance, _ = self.p_mean_variance(model_output, x_t, index, variance)
         if k == 0:
             return mean
         if noise is None:

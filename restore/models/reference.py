@@ -30,19 +30,9 @@ class ReferenceWeightsError(FileNotFoundError):
 
 
 def _missing_message(path: Path) -> str:
-    from restore.weights import find_by_file_name
+    from restore.weights import missing_weight_file
 
-    message = f"restorer weights '{path}' do not exist"
-    known = find_by_file_name(path.name)
-    if known is None:
-        return (
-            message
-            + ": place the file there or pass another path (method.weights / method.reference.weights)"
-        )
-    return (
-        f"{message}. It is published at {known.url}: run `python -m restore.weights fetch {known.name}` on a "
-        f"machine with internet (it lands in {known.path}; copy it here), or download the url to '{path}'"
-    )
+    return str(missing_weight_file(path, "method.weights / method.reference.weights"))
 
 
 class BicubicReference(nn.Module):

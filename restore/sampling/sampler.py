@@ -55,6 +55,7 @@ __all__ = [
     "COLOR_FIXES",
     "SCHEDULERS",
     "STARTS",
+    "VARIANCES",
     "Denoiser",
     "SamplingInputs",
     "SamplingSettings",
@@ -74,6 +75,8 @@ SCHEDULERS = STEPPERS
 STARTS = ("lr", "lr_double", "noise")
 #: How the start reference is encoded: a posterior sample (SeeSR, XPSR) or the mode (DreamClear).
 START_ENCODINGS = ("sample", "mode")
+#: Variances of the respaced ancestral sampler (``scheduler="iddpm"``).
+VARIANCES = ("learned_range", "fixed_small")
 #: Colour fixes against the colour reference (SeeSR ``--align_method``: adain | wavelet | nofix).
 COLOR_FIXES = ("adain", "wavelet", "none")
 
@@ -112,6 +115,12 @@ class SamplingSettings:
     #: ``--latent_tiled_size 96`` / ``--latent_tiled_overlap 4`` (latent px; tiles when h * w > tile**2)
     latent_tile: int = 96
     latent_tile_overlap: int = 4
+    #: centre the Gaussian tile window on both axes; false keeps the official half-pixel asymmetry
+    #: (:func:`~restore.sampling.tiling.gaussian_tile_weights`), for parity with every released sampler
+    symmetric_tile_weights: bool = False
+    #: ``iddpm`` only: ``learned_range`` (the network outputs eps and v: PixArt, DreamClear) | ``fixed_small``
+    #: (eps only, the posterior variance: LDM's DDPM sampler with respaced betas, StableSR)
+    variance: str = "learned_range"
     #: ``--vae_encoder_tiled_size 1024`` (px) / ``--vae_decoder_tiled_size 224`` (latent px)
     vae_encoder_tile: int = 1024
     vae_decoder_tile: int = 224
@@ -142,6 +151,9 @@ class SamplingSettings:
         _check_choice("start", self.start, STARTS)
         _check_choice("start_encoding", self.start_encoding, START_ENCODINGS)
         _check_choice("color_fix", self.color_fix, COLOR_FIXES)
+        _check_choice("variance", self.variance, VARIANCES)
+        if self.variance != "learned_range" and self.scheduler != "iddpm":
+            raise ValueError(f"variance={self.variance!r} belongs to scheduler=iddpm, not {self.scheduler!r}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.start == "lr_double" and self.second_timestep is None:
@@ -175,7 +187,9 @@ class SamplingInputs:
 
     ``spatial``: named conditions at any integer multiple of the latent size (an LR image at 8x, a latent at
     1x), each cropped per tile. ``start_reference`` / ``color_reference``: images in [0, 1] at the output size
-    (``None``: pure-noise start / no colour fix). ``decode``: scaled latents -> image in [0, 1] (default: the
+    (``None``: pure-noise start / no colour fix). ``start_latent``: the start reference already encoded (scaled
+    latent), when the method needs that very draw elsewhere too (StableSR's encoder reads it); it replaces the
+    loop's own encoding. ``decode``: scaled latents -> image in [0, 1] (default: the
     prior's VAE). ``guidance_reference``: the latent of EDM's restoration guidance. ``guided_channels``: CFG on
     channels ``[:k]`` only (DreamClear's DiT: 3). ``image_size`` / ``batch_size``: the output's, when no
     reference image gives them.
@@ -185,6 +199,7 @@ class SamplingInputs:
     uncond: Any = None
     spatial: Mapping[str, Tensor] = field(default_factory=dict)
     start_reference: Tensor | None = None
+    start_latent: Tensor | None = None
     color_reference: Tensor | None = None
     decode: Callable[[Tensor], Tensor] | None = None
     guidance_reference: Tensor | None = None
@@ -341,11 +356,16 @@ def sample(
     shape = (batch, int(vae.config.latent_channels), height // factor, width // factor)
     reference = None
     if settings.start != "noise":
-        if inputs.start_reference is None:
+        if inputs.start_latent is not None:
+            reference = inputs.start_latent.float()
+            if tuple(reference.shape) != shape:
+                raise ValueError(f"start_latent has shape {tuple(reference.shape)}, the output needs {shape}")
+        elif inputs.start_reference is None:
             raise ValueError(f"start={settings.start!r} needs a start reference image (or start='noise')")
-        reference = encode_lr_latent(
-            vae, inputs.start_reference, generator, sample=settings.start_encoding == "sample"
-        ).float()
+        else:
+            reference = encode_lr_latent(
+                vae, inputs.start_reference, generator, sample=settings.start_encoding == "sample"
+            ).float()
     latents = stepper.start(reference, shape, generator, device)
     guided_channels = inputs.guided_channels
     if guided_channels is None:
@@ -372,6 +392,7 @@ def sample(
             weights="gaussian",
             crop_conditions=inputs.spatial,
             needs_tiling=area_exceeds_tile,
+            symmetric=settings.symmetric_tile_weights,
         )
         latents = stepper.step(output.to(latents.dtype), i, latents, generator)
 

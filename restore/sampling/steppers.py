@@ -228,14 +228,21 @@ class IDDPMStepper:
         return scale
 
     def step(self, output: Tensor, i: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        if output.shape[1] != 2 * x.shape[1]:
+        channels = x.shape[1]
+        learned = self.settings.variance == "learned_range"
+        if learned and output.shape[1] != 2 * channels:
             raise ValueError(
-                f"scheduler=iddpm samples with the learned variance of priors that output it (PixArt-α: 2 x "
-                f"{x.shape[1]} channels); this network outputs {output.shape[1]}: use scheduler=ddpm"
+                f"scheduler=iddpm with variance=learned_range samples with the learned variance of priors that "
+                f"output it (PixArt-α: 2 x {channels} channels); this network outputs {output.shape[1]}: use "
+                "variance=fixed_small (LDM's respaced DDPM, StableSR) or scheduler=ddpm"
+            )
+        if not learned and output.shape[1] != channels:
+            raise ValueError(
+                f"variance=fixed_small takes an eps-only output ({channels} channels), got {output.shape[1]}"
             )
         k = self.indices[i]
         noise = None if k == 0 else _randn(tuple(x.shape), generator, x.device)
-        return self.chain.p_sample(output.to(x.dtype), x, k, noise)
+        return self.chain.p_sample(output.to(x.dtype), x, k, noise, variance=self.settings.variance)
 
 
 # ---------------------------------------------------------------------------------------------- EDM

@@ -15,6 +15,7 @@ from restore.weights.download import (
 from restore.weights.manifest import (
     MissingWeightsError,
     WeightFile,
+    WeightFileNotFoundError,
     cache_dir,
     check_metric_weights,
     files_for_metric,
@@ -22,6 +23,7 @@ from restore.weights.manifest import (
     get,
     manifest,
     metric_model_path,
+    missing_weight_file,
     pyiqa_cache_synced,
     weights_dir,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "FetchResult",
     "MissingWeightsError",
     "WeightFile",
+    "WeightFileNotFoundError",
     "WeightsVerificationError",
     "cache_dir",
     "check_metric_weights",
@@ -41,6 +44,7 @@ __all__ = [
     "get",
     "manifest",
     "metric_model_path",
+    "missing_weight_file",
     "pyiqa_cache_synced",
     "weights_dir",
 ]

@@ -178,6 +178,25 @@ def find_by_file_name(name: str) -> WeightFile | None:
     return next((wf for wf in manifest() if Path(wf.name).name == name), None)
 
 
+class WeightFileNotFoundError(FileNotFoundError):
+    """A method's weights file (released checkpoint, reference restorer) is missing; the message names the fix."""
+
+
+def missing_weight_file(path: str | os.PathLike, option: str) -> WeightFileNotFoundError:
+    """The error for a missing weights file at ``path``: where a manifest file of that name is published and how
+    to fetch it, else which config ``option`` takes another path."""
+    path = Path(path)
+    message = f"weights file '{path}' does not exist"
+    known = find_by_file_name(path.name)
+    if known is None:
+        return WeightFileNotFoundError(f"{message}: place the file there or pass another path ({option})")
+    return WeightFileNotFoundError(
+        f"{message}. It is published at {known.url}: run `python -m restore.weights fetch {known.name}` on a "
+        f"machine with internet (it lands in {known.path}; copy it here), or download the url to '{path}' "
+        f"({option})"
+    )
+
+
 def hf_hub_cache() -> Path:
     # huggingface_hub (hence timm) resolves HF_HOME/HF_HUB_CACHE when it is imported; use its value.
     from huggingface_hub import constants
