@@ -3,6 +3,7 @@
     python scripts/inspect_model.py model=seesr|xpsr part=unet|controlnet
     python scripts/inspect_model.py model=dreamclear part=controlformer|official
     python scripts/inspect_model.py model=stablesr part=encoder|unet|official|cfw
+    python scripts/inspect_model.py model=supir part=control|connectors
     python scripts/inspect_model.py model=sd15|sd2_base|sdxl_base|pixart_alpha part=vae|unet|transformer|text_encoder
 
 Shapes are written ``AxBxC`` (1-d: ``320``), one line per tensor in ``state_dict()`` order: the layout of a
@@ -106,6 +107,22 @@ def _stablesr_cfw() -> torch.nn.Module:
         return build_cfw_autoencoder()
 
 
+def _supir_control() -> _StateOnly:
+    from restore.models.priors import sdxl_base_prior
+    from restore.models.supir import GLVControl, glv_ours_to_official
+
+    return _StateOnly(glv_ours_to_official(GLVControl(sdxl_base_prior(device="meta").unet).state_dict()))
+
+
+def _supir_connectors() -> _StateOnly:
+    from restore.models.priors import sdxl_base_prior
+    from restore.models.supir import add_connectors, connector_state_dict, ours_to_official
+
+    unet = sdxl_base_prior(device="meta").unet
+    add_connectors(unet)
+    return _StateOnly(ours_to_official(connector_state_dict(unet)))
+
+
 def _prior_part(builder: str, part: str) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         from restore.models import priors
@@ -135,6 +152,8 @@ MODELS: dict[str, dict[str, Callable[[], torch.nn.Module]]] = {
         "official": _stablesr_official,
         "cfw": _stablesr_cfw,
     },
+    # SUPIR's trained parts in the released layout (SUPIR-v0Q.ckpt): the adaptor and the connectors
+    "supir": {"control": _supir_control, "connectors": _supir_connectors},
     **{
         name: {part: _prior_part(builder, part) for part in parts}
         for name, (builder, parts) in _PRIORS.items()
