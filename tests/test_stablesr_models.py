@@ -16,7 +16,6 @@ holds the official key list, the inputs (seed 2), the encoder features and the U
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from restore.models.stablesr import (
     structure_features,
     tiny_stablesr_encoder_config,
 )
+from tests.official_fixtures import parse_key_list, seeded_official_weights
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -61,26 +61,9 @@ TINY_UNET = {
 }
 
 
-def _official_keys() -> list[tuple[str, tuple[int, ...]]]:
-    rows = [line.split("\t") for line in str(OFFICIAL["tiny_keys"]).splitlines()]
-    return [(k, tuple(int(d) for d in s.split(",")) if s else ()) for k, s in rows]
-
-
 def _official_weights() -> dict[str, torch.Tensor]:
-    """The fixture's weights: sorted keys, one generator (seed 1); >=2-D r / sqrt(fan_in), norm-like 1-D
-    ``*weight`` 1 + 0.1 r, other 1-D 0.1 r."""
-    shapes = dict(_official_keys())
-    generator = torch.Generator().manual_seed(1)
-    weights = {}
-    for key in sorted(shapes):
-        r = torch.randn(shapes[key], generator=generator)
-        if len(shapes[key]) >= 2:
-            weights[key] = r / math.sqrt(math.prod(shapes[key][1:]))
-        elif key.endswith("weight"):
-            weights[key] = 1 + 0.1 * r
-        else:
-            weights[key] = 0.1 * r
-    return weights
+    """The fixture's weights (tests/official_fixtures.py, seed 1)."""
+    return seeded_official_weights(parse_key_list(str(OFFICIAL["tiny_keys"])), seed=1)
 
 
 def _tiny_models() -> tuple[TimeAwareEncoder, UNet2DConditionModel]:
@@ -156,8 +139,7 @@ def test_full_size_counts_and_keys_are_the_official_ones() -> None:
     assert encoder_count + sft_count == 105_514_240
     assert frozen == 865_910_724  # the SD-2.1-base UNet itself is untouched
     official = ours_to_official(encoder.state_dict(), sft_state_dict(unet))
-    rows = [line.split("\t") for line in (FIXTURES / "stablesr_official_keys.tsv").read_text().splitlines()]
-    expected = {k: tuple(int(d) for d in s.split(",")) if s else () for k, s in rows}
+    expected = parse_key_list((FIXTURES / "stablesr_official_keys.tsv").read_text())
     assert [(k, tuple(v.shape)) for k, v in official.items()] == list(expected.items())  # keys, shapes, order
     assert len(expected) == 376
 

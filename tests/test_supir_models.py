@@ -14,7 +14,6 @@ official ``project_modules`` keys and shapes (``options/SUPIR_v0.yaml``, built o
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from restore.models.supir import (
     ours_to_official,
     split_supir_checkpoint,
 )
+from tests.official_fixtures import parse_key_list, seeded_official_weights
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -67,17 +67,7 @@ TINY_SDXL = {
 
 
 def _official_weights() -> dict[str, torch.Tensor]:
-    rows = [line.split("\t") for line in str(OFFICIAL["keys"]).splitlines()]
-    shapes = {k: tuple(int(d) for d in s.split(",")) if s else () for k, s in rows}
-    generator = torch.Generator().manual_seed(1)
-    weights = {}
-    for key in sorted(shapes):
-        r = torch.randn(shapes[key], generator=generator)
-        if len(shapes[key]) >= 2:
-            weights[key] = r / math.sqrt(math.prod(shapes[key][1:]))
-        else:
-            weights[key] = 1 + 0.1 * r if key.endswith("weight") else 0.1 * r
-    return weights
+    return seeded_official_weights(parse_key_list(str(OFFICIAL["keys"])), seed=1)
 
 
 def _tiny_unet() -> UNet2DConditionModel:
@@ -148,11 +138,7 @@ def test_full_size_connectors_are_the_official_ones() -> None:
     ] * 3 + ["ZeroCrossAttn"] + ["ZeroSFT"] * 4
     state = connector_state_dict(unet)
     assert sum(v.numel() for v in state.values()) == 54_797_440 and len(state) == 118
-    rows = [
-        line.split("\t")
-        for line in (FIXTURES / "supir_connectors_official_keys.tsv").read_text().splitlines()
-    ]
-    expected = [(k, tuple(int(d) for d in s.split(","))) for k, s in rows]
+    expected = list(parse_key_list((FIXTURES / "supir_connectors_official_keys.tsv").read_text()).items())
     assert [(k, tuple(v.shape)) for k, v in ours_to_official(state).items()] == expected
 
 
@@ -167,17 +153,7 @@ def test_fresh_modules_are_zero_initialised_where_upstream_is() -> None:
 
 # ------------------------------------------------------------------------------------------------ adaptor
 def _official_glv_weights() -> dict[str, torch.Tensor]:
-    rows = [line.split("\t") for line in str(OFFICIAL["glv_keys"]).splitlines()]
-    shapes = {k: tuple(int(d) for d in s.split(",")) if s else () for k, s in rows}
-    generator = torch.Generator().manual_seed(3)
-    weights = {}
-    for key in sorted(shapes):
-        r = torch.randn(shapes[key], generator=generator)
-        if len(shapes[key]) >= 2:
-            weights[key] = r / math.sqrt(math.prod(shapes[key][1:]))
-        else:
-            weights[key] = 1 + 0.1 * r if key.endswith("weight") else 0.1 * r
-    return weights
+    return seeded_official_weights(parse_key_list(str(OFFICIAL["glv_keys"])), seed=3)
 
 
 def test_adaptor_equals_the_official_glvcontrol() -> None:
@@ -216,11 +192,7 @@ def test_full_size_adaptor_is_the_released_one() -> None:
     with torch.device("meta"):
         control = GLVControl(sdxl_base_prior(device="meta").unet)
     assert sum(p.numel() for p in control.parameters()) == 1_243_378_880
-    rows = [
-        line.split("\t")
-        for line in (FIXTURES / "supir_glvcontrol_official_keys.tsv").read_text().splitlines()
-    ]
-    expected = {k: tuple(int(d) for d in s.split(",")) for k, s in rows}
+    expected = parse_key_list((FIXTURES / "supir_glvcontrol_official_keys.tsv").read_text())
     ours = {k: tuple(v.shape) for k, v in glv_ours_to_official(control.state_dict()).items()}
     assert ours == expected and len(ours) == 810
 
