@@ -215,9 +215,9 @@ def trained_cfw_autoencoder(
     path = Path(checkpoint)
     if not path.is_file():
         raise missing_weight_file(path, "method.decoder.checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    hparams = checkpoint.get("hyper_parameters", {})
     fusion = {k[len("cfw.") :]: v for k, v in state.items() if k.startswith("cfw.fusion_layer_")}
     if not fusion:
         raise CheckpointMismatchError(
