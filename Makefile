@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install browser test test-fast demo tour stablesr-tiny lint format bench-degradation bench-eval clean-venv
+.PHONY: install browser test test-fast demo tour stablesr-tiny supir-tiny lint format bench-degradation bench-eval clean-venv
 
 install: $(STAMP)
 
@@ -39,8 +39,9 @@ test-fast: install
 # The whole loop on CPU, offline, in under 5 minutes after install: degrade the embedded photos (a picture);
 # train the tiny RealESRNet, the tiny SeeSR (ControlNet + RCA on a tiny random SD prior, tagged by a tiny random
 # DAPE), the tiny DreamClear (ControlFormer + MoAM on a tiny random PixArt-α, reference branch through spandrel)
-# and the tiny StableSR stage 1 (encoder + SFT; its CFW stage 2 is in `make tour`, which the 5-minute budget of
-# the demo does not hold); evaluate bicubic and the four on benchmark=samples: one table.md + report.html.
+# the tiny StableSR stage 1 (encoder + SFT; its CFW stage 2 is in `make tour`, which the 5-minute budget of
+# the demo does not hold) and the tiny SUPIR's two stages (degradation-robust encoder, then GLVControl + connectors);
+# evaluate bicubic and the five on benchmark=samples: one table.md + report.html.
 # NIQE's pristine model is rebuilt from basicsr's bundled copy; learned metrics without weights are skipped with
 # a warning (fetch them with `python -m restore.weights fetch --metric lpips dists fid maniqa musiq clipiqa`).
 # The tiny diffusion methods show the machinery (conditions, sampling with CFG, colour fix), not the quality of
@@ -65,9 +66,19 @@ demo: install
 	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_dreamclear_tiny
 	$(BIN)/python train.py experiment=stablesr_tiny $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/stablesr
 	$(BIN)/python eval.py benchmark=samples method=stablesr_tiny ckpt_path=$(DEMO)/stablesr/checkpoints/last.ckpt \
-	  report.compare=[$(DEMO)/eval_bicubic,$(DEMO)/eval_realesrnet_tiny,$(DEMO)/eval_seesr_tiny,$(DEMO)/eval_dreamclear_tiny] \
 	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_stablesr_tiny
-	@echo "table: $(DEMO)/eval_stablesr_tiny/table.md   report: $(DEMO)/eval_stablesr_tiny/report.html"
+	$(MAKE) --no-print-directory supir-tiny OUT=$(DEMO)
+	$(BIN)/python eval.py benchmark=samples method=supir_tiny ckpt_path=$(DEMO)/supir/checkpoints/last.ckpt \
+	  report.compare=[$(DEMO)/eval_bicubic,$(DEMO)/eval_realesrnet_tiny,$(DEMO)/eval_seesr_tiny,$(DEMO)/eval_dreamclear_tiny,$(DEMO)/eval_stablesr_tiny] \
+	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_supir_tiny
+	@echo "table: $(DEMO)/eval_supir_tiny/table.md   report: $(DEMO)/eval_supir_tiny/report.html"
+
+# SUPIR's two training stages on CPU, into $(OUT): stage A (the degradation-robust encoder), then stage B (GLVControl
+# + connectors) on that encoder.
+supir-tiny: install
+	$(BIN)/python train.py experiment=supir_encoder_tiny $(DEMO_FLAGS) hydra.run.dir=$(OUT)/supir_encoder
+	$(BIN)/python train.py experiment=supir_tiny method.encoder_checkpoint=$(OUT)/supir_encoder/checkpoints/last.ckpt \
+	  $(DEMO_FLAGS) hydra.run.dir=$(OUT)/supir
 
 # StableSR's two stages on CPU, into $(OUT): stage 1 (encoder + SFT), the CFW data step (stage-1 latents of
 # degraded crops of the embedded photos, made with the StableSR degradation), stage 2 (CFW fusion layers + PatchGAN).
@@ -84,7 +95,7 @@ stablesr-tiny: install
 # The full tour, every method end to end on CPU (about 8 minutes after install): the demo's RealESRNet; SeeSR's
 # two stages (DAPE LoRA training, then SeeSR on that DAPE); XPSR (prompts of the photos by a tiny random LLaVA
 # with scripts/extract_prompts.py, then SFA, pixel attention and the DFC loss); DreamClear; StableSR's two stages;
-# all in one table and report.
+# SUPIR's two stages; all in one table and report.
 TOUR := outputs/tour
 tour: install
 	$(BIN)/python -m restore.weights fetch niqe_modelparameters.mat --from-basicsr
@@ -110,9 +121,12 @@ tour: install
 	$(MAKE) --no-print-directory stablesr-tiny OUT=$(TOUR)
 	$(BIN)/python eval.py benchmark=samples method=stablesr_tiny ckpt_path=$(TOUR)/stablesr/checkpoints/last.ckpt \
 	  method/decoder=cfw_trained method.decoder.checkpoint=$(TOUR)/stablesr_cfw/checkpoints/last.ckpt label=stablesr_tiny+cfw \
-	  report.compare=[$(TOUR)/eval_bicubic,$(TOUR)/eval_realesrnet_tiny,$(TOUR)/eval_seesr_tiny,$(TOUR)/eval_xpsr_tiny,$(TOUR)/eval_dreamclear_tiny] \
 	  $(DEMO_FLAGS) hydra.run.dir=$(TOUR)/eval_stablesr_tiny
-	@echo "table: $(TOUR)/eval_stablesr_tiny/table.md   report: $(TOUR)/eval_stablesr_tiny/report.html"
+	$(MAKE) --no-print-directory supir-tiny OUT=$(TOUR)
+	$(BIN)/python eval.py benchmark=samples method=supir_tiny ckpt_path=$(TOUR)/supir/checkpoints/last.ckpt \
+	  report.compare=[$(TOUR)/eval_bicubic,$(TOUR)/eval_realesrnet_tiny,$(TOUR)/eval_seesr_tiny,$(TOUR)/eval_xpsr_tiny,$(TOUR)/eval_dreamclear_tiny,$(TOUR)/eval_stablesr_tiny] \
+	  $(DEMO_FLAGS) hydra.run.dir=$(TOUR)/eval_supir_tiny
+	@echo "table: $(TOUR)/eval_supir_tiny/table.md   report: $(TOUR)/eval_supir_tiny/report.html"
 
 lint: install
 	$(BIN)/ruff check .

@@ -83,6 +83,14 @@ def fake_data_root(tmp_path_factory) -> Path:
         write_image(cfw / folder / "0001.png", torch.rand(3, 64, 64))
     (cfw / "latents").mkdir()
     np.save(cfw / "latents/0001.npy", np.zeros((1, 4, 8, 8), np.float32))
+    # experiment=supir: captions of the photos and the faces, images generated from the negative prompt
+    (root / "LSDIR/captions.jsonl").write_text(
+        json.dumps({"path": "HR/train/0001000/0000001.png", "caption": "a cat"}) + "\n"
+    )
+    (root / "FFHQ/captions.jsonl").write_text(
+        json.dumps({"path": "00000/00000.png", "caption": "a face"}) + "\n"
+    )
+    write_image(root / "supir_negative/0001.png", img)
     (root / "xpsr_tiny").mkdir()  # experiment=xpsr_tiny: prompts of the embedded photos
     (root / "xpsr_tiny/prompts.jsonl").write_text(
         "".join(json.dumps({"path": f"skimage/{n}.png", **xpsr_prompts}) + "\n" for n in EMBEDDED_PHOTO_NAMES)
@@ -121,6 +129,8 @@ NEEDS_WEIGHTS = {
     ],
     "stablesr": ["method/prior=tiny"],
     "stablesr_cfw": ["method/prior=tiny"],
+    "supir": ["method/prior=tiny_sdxl_supir", "method.captioner=null"],
+    "supir_encoder": ["method/prior=tiny_sdxl_supir", "method.captioner=null"],
     "dape": [
         "method.ram.variant=tiny",
         "method.ram.checkpoint=null",
@@ -131,7 +141,13 @@ NEEDS_WEIGHTS = {
 
 
 # experiment=dreamclear reads precomputed T5 features, settings the tiny prior has no place for
-EXPERIMENT_EXTRA = {"dreamclear": ["~method.prior.load_text_encoder", "~method.prior.text_features"]}
+EXPERIMENT_EXTRA = {
+    "dreamclear": ["~method.prior.load_text_encoder", "~method.prior.text_features"],
+    "supir": ["~method.prior.load_text_encoder"],
+    "supir_encoder": ["~method.prior.load_text_encoder"],
+}
+# Data configs that read a method's settings (data=supir: the negative prompt of its negative-quality samples).
+DATA_METHOD = {"supir": "supir_tiny"}
 
 
 def _model_overrides(model: str) -> list[str]:
@@ -177,7 +193,9 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, f
 @pytest.mark.parametrize("data", options("data"))
 def test_data_config_instantiates(data: str, tmp_path: Path, fake_data_root: Path) -> None:
     _link_data(tmp_path, fake_data_root)
-    cfg = compose_config("train", [f"data={data}", "method=realesrnet_tiny"], tmp_path)
+    cfg = compose_config(
+        "train", [f"data={data}", f"method={DATA_METHOD.get(data, 'realesrnet_tiny')}"], tmp_path
+    )
     _fill_missing(cfg, fake_data_root)
     datamodule = instantiate(cfg.data)
     assert len(datamodule.train_set) > 0

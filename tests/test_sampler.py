@@ -304,7 +304,7 @@ def test_v_prediction_prior(prior, texts) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "choices"),
     [
-        ("scheduler", "euler", "ddpm, ddim, dpmsolver\\+\\+, unipc, iddpm, edm"),
+        ("scheduler", "euler", "ddpm, ddim, dpmsolver\\+\\+, sde-dpmsolver\\+\\+, unipc, iddpm, edm"),
         ("start", "gt", "lr, lr_double, noise"),
         ("color_fix", "nofix", "adain, wavelet, none"),
     ],

@@ -138,6 +138,22 @@ def _to_uint8_images(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def _int8_loading(device: torch.device | str | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments for LLM.int8 weights on ``device``, or a clear error where they cannot run."""
+    if device is None or torch.device(device).type != "cuda":
+        raise ValueError(
+            f"load_in_8bit needs a CUDA device for the captioner (got device={device!r}): set "
+            "captioner.device=cuda:0 (or cuda:1 to keep it off the diffusion GPU)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError("load_in_8bit needs bitsandbytes: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": str(device)}}
+
+
 class MLLMCaptioner(nn.Module):
     """A LLaVA-class image-text-to-text model, its processor and one instruction: images -> one text each.
 
@@ -210,6 +226,7 @@ class MLLMCaptioner(nn.Module):
         temperature: float = 0.0,
         top_p: float | None = None,
         seed: int = 0,
+        load_in_8bit: bool = False,
     ) -> MLLMCaptioner:
         """Load a LLaVA-class checkpoint (``AutoModelForImageTextToText`` + ``AutoProcessor``) from a hub id or a
         local folder: LLaVA-1.5 (``LlavaForConditionalGeneration``, e.g. ``llava-hf/llava-1.5-7b-hf``) or
@@ -220,6 +237,8 @@ class MLLMCaptioner(nn.Module):
         leaves the model on the CPU (a LightningModule holding it moves it). ``local_files_only=None`` follows
         ``HF_HUB_OFFLINE``. ``temperature`` / ``top_p`` / ``seed``: see the class. A model that cannot be found
         raises :class:`CaptionerNotFoundError` naming the source, the expected folder layout and the fix.
+        ``load_in_8bit``: LLM.int8 weights through bitsandbytes on ``device`` (a CUDA GPU; SUPIR's
+        ``--load_8bit_llava``: a 13B LLaVA in about 16 GB); such a model stays on that device (:attr:`quantized`).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -233,10 +252,13 @@ class MLLMCaptioner(nn.Module):
             dtype = (
                 torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
             )
+        quantization: dict[str, Any] = {}
+        if load_in_8bit:
+            quantization = _int8_loading(device)
         try:
             processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
             model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=dtype, local_files_only=local_files_only
+                source, dtype=dtype, local_files_only=local_files_only, **quantization
             )
         except (OSError, ValueError) as err:  # hub "not found" errors subclass one of these
             raise CaptionerNotFoundError(_missing_message(source, local_files_only, err)) from err
@@ -251,7 +273,16 @@ class MLLMCaptioner(nn.Module):
             top_p=top_p,
             seed=seed,
         )
+        if load_in_8bit:
+            return captioner
         return captioner.to(device) if device is not None else captioner
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weights are bitsandbytes-quantised (they cannot be moved with ``.to()``)."""
+        return bool(
+            getattr(self.model, "is_loaded_in_8bit", False) or getattr(self.model, "is_quantized", False)
+        )
 
     def with_instruction(
         self,

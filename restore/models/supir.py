@@ -43,27 +43,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from restore.models.side_inputs import attach_side_input, has_side_input, provide
+from restore.models.side_inputs import attach_side_input, has_side_input, provide, side_input_of
 
 __all__ = [
     "CONTROL_INPUT",
     "OFFICIAL_UNET_PREFIX",
     "ConnectorPlan",
+    "DegradationRobustEncoder",
     "GLVControl",
     "MissingControlError",
     "ZeroCrossAttn",
     "ZeroSFT",
     "add_connectors",
+    "checkpoint_diffusers_blocks",
     "connector_plan",
     "connector_state_dict",
     "control_features",
     "denoise_encoder_official_to_ours",
     "denoise_encoder_ours_to_official",
     "has_connectors",
+    "hold_control_features",
     "glv_official_to_ours",
     "glv_ours_to_official",
     "official_to_ours",
@@ -93,7 +97,9 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class ZeroSFT(nn.Module):
@@ -280,6 +286,17 @@ def control_features(unet: nn.Module, hidden_states: Sequence[Tensor], scale: fl
         yield
 
 
+def hold_control_features(
+    unet: nn.Module, hidden_states: Sequence[Tensor] | None, scale: float = 1.0
+) -> None:
+    """Set (or, with ``None``, clear) the adaptor's hidden states without a context, for a training step whose
+    checkpointed UNet blocks run again during backward (after the forward call returned); clear them when the
+    step is done."""
+    side_input_of(unet, CONTROL_INPUT, "this UNet has no connectors").value = (
+        None if hidden_states is None else (list(hidden_states), float(scale))
+    )
+
+
 def connector_state_dict(unet: nn.Module) -> dict[str, Tensor]:
     """The connectors' parameters under the UNet's keys (``project_modules.*``)."""
     return {k: v for k, v in unet.state_dict().items() if k.startswith("project_modules.")}
@@ -318,12 +335,29 @@ def _copy_without_hooks(module: nn.Module) -> nn.Module:
     return copied
 
 
+def checkpoint_diffusers_blocks(module: nn.Module) -> None:
+    """Gradient checkpointing for the diffusers blocks inside any module (diffusers' own switch on each block:
+    ``gradient_checkpointing`` + ``_gradient_checkpointing_func``, non-reentrant), also where the module itself is
+    not a diffusers ``ModelMixin`` (the adaptor, E_dr, a VAE's decoder)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for sub in module.modules():
+        if hasattr(sub, "gradient_checkpointing"):
+            sub._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            sub.gradient_checkpointing = True
+
+
 class GLVControl(nn.Module):
     """SUPIR's adaptor (official ``GLVControl``): a copy of the SDXL UNet's encoder and middle block with its own
     time and size embeddings; a zero-initialised 3x3 convolution of the LQ latent (``input_hint_block``) is added
     to the first block's output. Returns the 10 hidden states the connectors read (encoder outputs, then the
     middle block's). The released v0 is not trimmed (the paper's "half of the ViT blocks" is not what shipped):
     1,243,378,880 parameters at full size. Built from a UNet (ControlNet-style initialisation when training)."""
+
+    #: :meth:`enable_gradient_checkpointing` exists (what LatentDiffusionSR's ``gradient_checkpointing`` looks for)
+    _supports_gradient_checkpointing = True
 
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
@@ -334,6 +368,11 @@ class GLVControl(nn.Module):
         nn.init.zeros_(self.input_hint_block.weight)
         nn.init.zeros_(self.input_hint_block.bias)
         self.layers_per_block = int(unet.config.layers_per_block)
+        self.requires_grad_(True)  # a trainable copy, whatever the (frozen) UNet it was copied from
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each copied diffusers block's activations in the backward pass."""
+        checkpoint_diffusers_blocks(self)
 
     def embedding(
         self, timesteps: Tensor, added_cond_kwargs: dict[str, Tensor], dtype: torch.dtype
@@ -496,3 +535,43 @@ def split_supir_checkpoint(
                 f"(e.g. {unexpected[:3]}), {len(shapes)} with another shape (e.g. {shapes[:3]})"
             )
     return glv, connectors, encoder
+
+
+# ------------------------------------------------------------------------------- degradation-robust encoder
+class DegradationRobustEncoder(nn.Module):
+    """SUPIR's degradation-robust encoder E_dr (Sec. 3.1; official ``first_stage_model.denoise_encoder``): a
+    trainable copy of the VAE's encoder that shares the frozen VAE's ``quant_conv`` (and decoder). It looks
+    enough like an ``AutoencoderKL`` (``encoder``, ``quant_conv``, ``config``, ``dtype``) for
+    :class:`~restore.sampling.tiled_vae.TiledAutoencoderKL` to tile it with merged GroupNorm statistics.
+
+    Only ``encoder.*`` is its state (the keys :func:`denoise_encoder_official_to_ours` gives, under
+    ``encoder.``); the VAE stays the prior's.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(vae.encoder).requires_grad_(True)
+        self.__dict__["vae"] = vae  # shared and frozen: not a submodule (not trained, not saved twice)
+
+    @property
+    def quant_conv(self) -> nn.Module | None:
+        return self.vae.quant_conv
+
+    @property
+    def config(self) -> Any:
+        return self.vae.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        checkpoint_diffusers_blocks(self.encoder)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Posterior moments ``quant_conv(E_dr(images))`` of ``images`` in ``[-1, 1]`` (untiled)."""
+        h = self.encoder(images.to(self.dtype))
+        quant = self.quant_conv
+        return quant(h.to(quant.weight.dtype)) if quant is not None else h

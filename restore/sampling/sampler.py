@@ -95,8 +95,8 @@ class SamplingSettings:
     num_steps=50, guidance_scale=4.5, start_encoding="mode"``. SUPIR: ``scheduler="edm"`` with the EDM fields.
     """
 
-    #: stepper: ``ddpm`` | ``ddim`` | ``dpmsolver++`` | ``unipc`` (diffusers, from the prior's scheduler config;
-    #: SeeSR: DDPM) | ``iddpm`` (respaced, learned variance) | ``edm`` (Euler with churn, SUPIR)
+    #: stepper: ``ddpm`` | ``ddim`` | ``dpmsolver++`` | ``sde-dpmsolver++`` | ``unipc`` (diffusers, from the
+    #: prior's scheduler config; SeeSR: DDPM) | ``iddpm`` (respaced, learned variance) | ``edm`` (Euler with churn, SUPIR)
     scheduler: str = "ddpm"
     #: ``--num_inference_steps 50``: DDPM "leading" t = 981, 961, ..., 1
     num_steps: int = 50
@@ -129,13 +129,15 @@ class SamplingSettings:
     upscale: int = 4
     #: diffusers steppers: SD's scheduler configs give "leading" (``None`` keeps the prior config's)
     timestep_spacing: str | None = "leading"
+    #: ``dpmsolver++`` / ``sde-dpmsolver++`` / ``unipc``: Karras noise levels (SUPIR's 8-step DPM++ 2M variant)
+    karras_sigmas: bool = False
     #: ``edm`` only: churn (SUPIR ``s_churn`` 5), its noise scale (``s_noise`` 1.01) and sigma range
     s_churn: float = 0.0
     s_noise: float = 1.0
     s_tmin: float = 0.0
     s_tmax: float = math.inf
-    #: ``edm`` only: the CFG scale at sigma_max, ramped linearly to ``guidance_scale`` at sigma 0 (SUPIR
-    #: ``spt_linear_CFG``); ``None`` = a constant scale
+    #: the CFG scale at sigma_max, ramped linearly to ``guidance_scale`` at sigma 0 (SUPIR ``spt_linear_CFG``;
+    #: edm: at the churned sigma, diffusers steppers: at the step's sigma); ``None`` = a constant scale
     guidance_scale_start: float | None = None
     #: ``edm`` only: restoration guidance strength tau (SUPIR ``s_stage1``; <= 0 = off) and the sigma_next
     #: below which it stops (``restore_cfg_s_tmin`` 0.05)
@@ -192,7 +194,8 @@ class SamplingInputs:
     loop's own encoding. ``decode``: scaled latents -> image in [0, 1] (default: the
     prior's VAE). ``guidance_reference``: the latent of EDM's restoration guidance. ``guided_channels``: CFG on
     channels ``[:k]`` only (DreamClear's DiT: 3). ``image_size`` / ``batch_size``: the output's, when no
-    reference image gives them.
+    reference image gives them. ``before_step(i, sigma)``: called before step ``i``'s network calls with the
+    step's noise level (before churn), for the method's per-step settings (SUPIR's control-scale ramp).
     """
 
     cond: Any
@@ -206,6 +209,7 @@ class SamplingInputs:
     guided_channels: int | None = None
     image_size: tuple[int, int] | None = None
     batch_size: int | None = None
+    before_step: Callable[[int, float], None] | None = None
 
     def output_shape(self) -> tuple[int, int, int]:
         """``(batch, H, W)`` of the restored images."""
@@ -374,6 +378,8 @@ def sample(
     for i in tqdm(
         range(stepper.num_steps), desc="sampling", unit="step", leave=False, disable=not settings.progress
     ):
+        if inputs.before_step is not None:
+            inputs.before_step(i, stepper.noise_level(i))
         model_input, t = stepper.model_input(latents, i, generator)
         tile_fn = partial(
             _guided_tile,

@@ -58,6 +58,8 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    # the stochastic variant (eta 1): SUPIR's RestoreDPMPP2MSampler (8 steps, Karras sigmas)
+    "sde-dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
 #: every ``SamplingSettings.scheduler`` choice
@@ -85,8 +87,12 @@ class Stepper(Protocol):
         """``(network input, network timestep)`` of step ``i`` for the current latent ``x``."""
         ...
 
+    def noise_level(self, i: int) -> float:
+        """The noise level sigma = sqrt((1 - abar) / abar) of step ``i`` (before any churn)."""
+        ...
+
     def guidance_scale(self, i: int, scale: float) -> float:
-        """The CFG scale of step ``i`` (``scale`` = the configured one)."""
+        """The CFG scale of step ``i`` (``scale`` = the configured one), after :meth:`model_input`."""
         ...
 
     def step(self, output: Tensor, i: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -103,16 +109,27 @@ def _epsilon_half(output: Tensor, x: Tensor) -> Tensor:
     return output[:, : x.shape[1]] if output.shape[1] == 2 * x.shape[1] else output
 
 
+def _ramped_scale(start: float | None, end: float, sigma: float) -> float:
+    """SUPIR's linear ramp (``LinearCFG``): ``start`` at sigma_max (14.6146), ``end`` at sigma 0; constant ``end``
+    when ``start`` is None."""
+    if start is None:
+        return end
+    return (start - end) * sigma / SUPIR_SIGMA_MAX + end
+
+
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """float32 standard normal on ``device`` (drawn on the generator's device, as diffusers does)."""
     return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
 
-def build_scheduler(name: str, scheduler: Any, timestep_spacing: str | None = "leading") -> Any:
+def build_scheduler(
+    name: str, scheduler: Any, timestep_spacing: str | None = "leading", karras_sigmas: bool = False
+) -> Any:
     """A fresh diffusers ``name`` scheduler from ``scheduler`` (the prior's scheduler or its config).
 
     ``timestep_spacing=None`` keeps the config's. Note that diffusers' "leading" differs between classes: DDPM /
-    DDIM 20 steps = 951 ... 1, DPM-Solver / UniPC 941 ... 48.
+    DDIM 20 steps = 951 ... 1, DPM-Solver / UniPC 941 ... 48. ``karras_sigmas``: the Karras et al. (2022) noise
+    levels between the schedule's extremes (DPM-Solver / UniPC only).
     """
     if name not in DIFFUSERS_SCHEDULERS:
         raise ValueError(f"scheduler={name!r} is not one of: {', '.join(DIFFUSERS_SCHEDULERS)}")
@@ -122,7 +139,16 @@ def build_scheduler(name: str, scheduler: Any, timestep_spacing: str | None = "l
         overrides["timestep_spacing"] = timestep_spacing
     if cls is DPMSolverMultistepScheduler:  # it would cut a learned-variance output to 3 channels (pixel IF)
         overrides["variance_type"] = None
+    if karras_sigmas:
+        if cls not in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+            raise ValueError(f"karras_sigmas belongs to the DPM-Solver / UniPC steppers, not {name!r}")
+        overrides["use_karras_sigmas"] = True
     return cls.from_config(_config_of(scheduler), **overrides)
+
+
+def _sigma_of_timestep(alphas_cumprod: Tensor, t: Tensor | int) -> float:
+    abar = float(alphas_cumprod[int(t)])
+    return math.sqrt((1.0 - abar) / abar)
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
@@ -132,12 +158,15 @@ class DiffusersStepper:
     def __init__(self, settings: SamplingSettings, scheduler: Any, device: torch.device) -> None:
         self.settings = settings
         self.config = _config_of(scheduler)
-        sampler = build_scheduler(settings.scheduler, scheduler, settings.timestep_spacing)
+        sampler = build_scheduler(
+            settings.scheduler, scheduler, settings.timestep_spacing, settings.karras_sigmas
+        )
         sampler.set_timesteps(settings.num_steps, device=device)
         first = start_timestep_index(sampler, settings.start_timestep)
         if first and hasattr(sampler, "set_begin_index"):  # multistep solvers index their sigmas from here
             sampler.set_begin_index(first * sampler.order)
         self.scheduler = sampler
+        self._first = first
         self.timesteps = sampler.timesteps[first:]
         self.num_steps = len(self.timesteps)
         self._generator_kwarg = "generator" in _parameters(sampler.step)
@@ -172,8 +201,14 @@ class DiffusersStepper:
         t = self.timesteps[i]
         return self.scheduler.scale_model_input(x, t), t
 
+    def noise_level(self, i: int) -> float:
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if sigmas is not None and len(sigmas) > len(self.scheduler.timesteps):  # sigma-space solvers (Karras)
+            return float(sigmas[self._first + i])
+        return _sigma_of_timestep(self.scheduler.alphas_cumprod, self.timesteps[i])
+
     def guidance_scale(self, i: int, scale: float) -> float:
-        return scale
+        return _ramped_scale(self.settings.guidance_scale_start, scale, self.noise_level(i))
 
     def step(self, output: Tensor, i: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
         if getattr(self.scheduler.config, "variance_type", None) not in ("learned", "learned_range"):
@@ -223,6 +258,9 @@ class IDDPMStepper:
 
     def model_input(self, x: Tensor, i: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         return x, self.chain.timesteps[self.indices[i]].to(x.device)
+
+    def noise_level(self, i: int) -> float:
+        return _sigma_of_timestep(self.full.alphas_cumprod, self.chain.timesteps[self.indices[i]])
 
     def guidance_scale(self, i: int, scale: float) -> float:
         return scale
@@ -304,13 +342,12 @@ class EDMStepper:
         _, _, c_in = DiscreteSigmas.scalings(sigma_q)
         return x * c_in.to(x.device), index.to(x.device)
 
+    def noise_level(self, i: int) -> float:
+        return float(self.sigmas[i])
+
     def guidance_scale(self, i: int, scale: float) -> float:
-        start = self.settings.guidance_scale_start
-        if start is None:
-            return scale
         assert self._state is not None, "model_input() comes first"
-        sigma_hat = float(self._state[1])
-        return (start - scale) * sigma_hat / SUPIR_SIGMA_MAX + scale
+        return _ramped_scale(self.settings.guidance_scale_start, scale, float(self._state[1]))  # at sigma_hat
 
     def step(self, output: Tensor, i: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
         assert self._state is not None, "model_input() comes first"
@@ -340,7 +377,6 @@ def build_stepper(
         raise ValueError(f"scheduler={name!r} is not one of: {', '.join(STEPPERS)}")
     edm_only = {
         "s_churn": settings.s_churn != 0.0,
-        "guidance_scale_start": settings.guidance_scale_start is not None,
         "restoration_guidance": settings.restoration_guidance > 0,
     }
     used = [k for k, on in edm_only.items() if on]
@@ -349,6 +385,10 @@ def build_stepper(
             f"{', '.join(used)} belong to scheduler=edm (SUPIR's sampler), not scheduler={name!r}"
         )
     if name == "iddpm":
+        if settings.guidance_scale_start is not None:
+            raise ValueError(
+                "guidance_scale_start (the linear CFG ramp) is not available with scheduler=iddpm"
+            )
         return IDDPMStepper(settings, scheduler)
     if name == "edm":
         return EDMStepper(settings, scheduler, guidance_reference)

@@ -269,24 +269,28 @@ class SDXLPrior(LatentPrior):
 
 
 def tiny_sdxl_prior(
-    seed: int = 0, text_features: str | os.PathLike | None = None, text_cache_size: int = 0
+    seed: int = 0,
+    text_features: str | os.PathLike | None = None,
+    text_cache_size: int = 0,
+    unet: Mapping[str, Any] | None = None,
 ) -> SDXLPrior:
     """A random-weight, CPU-sized SDXL-like prior (frozen): the tiny VAE with SDXL's scaling 0.13025, a tiny
     ``text_time`` UNet (2 levels, context 64), two 32-wide CLIP encoders (the second with projection and ``!``
-    padding) and SD's DDPM schedule. Deterministic for a given ``seed``."""
+    padding) and SD's DDPM schedule. Deterministic for a given ``seed``. ``unet``: UNet config keys to change
+    (SUPIR's connectors need SDXL's three levels, 64+ channels: ``configs/method/prior/tiny_sdxl_supir.yaml``)."""
     tokenizer = tiny_clip_tokenizer()
     tokenizer_2 = tiny_clip_tokenizer(pad_token="!")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = tiny_vae(scaling_factor=SDXL_SCALING_FACTOR)
-        unet = UNet2DConditionModel(**_TINY_SDXL_UNET)
+        unet_model = UNet2DConditionModel(**{**_TINY_SDXL_UNET, **dict(unet or {})})
         text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, 32))
         text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer_2, 32, projection_dim=32))
-    for module in (vae, unet, text_encoder, text_encoder_2):
+    for module in (vae, unet_model, text_encoder, text_encoder_2):
         freeze(module)
     return SDXLPrior(
         vae,
-        unet,
+        unet_model,
         text_encoder,
         text_encoder_2,
         tokenizer,
