@@ -55,7 +55,7 @@ demo: install
 	# 10x the recipe's learning rate: 300 steps (~30 s) then reach ~23 dB instead of ~20.6 dB
 	$(BIN)/python train.py experiment=realesrnet_tiny trainer.max_steps=300 method.optimizer.lr=2e-3 \
 	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/train
-	$(BIN)/python train.py experiment=seesr_tiny trainer.max_steps=300 $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/seesr
+	$(BIN)/python train.py experiment=seesr_tiny trainer.max_steps=100 $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/seesr
 	$(BIN)/python eval.py benchmark=samples method=bicubic $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_bicubic
 	$(BIN)/python eval.py benchmark=samples method=realesrnet_tiny ckpt_path=$(DEMO)/train/checkpoints/last.ckpt \
 	  $(DEMO_FLAGS) hydra.run.dir=$(DEMO)/eval_realesrnet_tiny

@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
     module = load_method(cfg, resolve_device(str(cfg.device)))
     if not isinstance(module, SUPIR):
         raise ConfigError(f"method must be a SUPIR config, got {type(module).__name__}")
-    if module._captioner is None:
+    if module._captions.captioner is None:
         raise ConfigError("the method has no captioner (method.captioner=null): choose one, e.g. supir_llava")
     report = extract_prompts(
         folder_entries(cfg.input),

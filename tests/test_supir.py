@@ -451,3 +451,10 @@ def test_both_stages_train_then_eval_with_captions_through_the_clis(tmp_path) ->
     )
     assert "supir_tiny" in (tmp_path / "eval/table.md").read_text()
     assert len(list((tmp_path / "eval/images/samples").glob("*.png"))) == len(lq) == 8
+
+
+def test_an_8bit_captioner_needs_a_cuda_device_and_says_so() -> None:
+    from restore.models.captioners import MLLMCaptioner
+
+    with pytest.raises(ValueError, match=r"load_in_8bit needs a CUDA device .*captioner.device=cuda:0"):
+        MLLMCaptioner.from_pretrained("llava-hf/llava-1.5-13b-hf", "describe", load_in_8bit=True)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from restore.methods.captions import CaptionFallback
 from restore.methods.controlnet_sr import sampling_settings
 from restore.methods.latent_diffusion import LatentDiffusionSR, build
 from restore.models.dreamclear import DreamClearControlFormer, official_to_ours
@@ -105,7 +106,7 @@ class DreamClear(LatentDiffusionSR):
             **kwargs,
         )
         self.sampling = sampling_settings(sampling, scale)
-        self.__dict__["_captioner"] = captioner  # not a submodule: a 13B MLLM stays out of checkpoints
+        self._captions = CaptionFallback(captioner, default_prompt, CAPTION_RECORD)
         if pretrained is not None:
             load_official_dreamclear(self, pretrained)
 
@@ -161,23 +162,7 @@ class DreamClear(LatentDiffusionSR):
         Only the images without a record are captioned (in one batch), so a side-file covering part of a test
         set costs the MLLM only the rest.
         """
-        if prompts is not None and len(prompts) != len(reference):
-            raise ValueError(f"got {len(prompts)} prompt records for {len(reference)} images")
-        records = [None] * len(reference) if prompts is None else [r.get(CAPTION_RECORD) for r in prompts]
-        missing = [i for i, text in enumerate(records) if text is None]
-        if not missing:
-            return list(records)
-        captioner = self._captioner
-        if captioner is None:
-            fills = [self.hparams.default_prompt] * len(missing)
-        else:
-            if not isinstance(captioner, nn.Module):  # a factory (Hydra _partial_): build on first use
-                captioner = self.__dict__["_captioner"] = captioner()
-            captioner.to(self.device)
-            fills = list(captioner.caption(reference[missing]))
-        for i, text in zip(missing, fills, strict=True):
-            records[i] = text
-        return list(records)
+        return self._captions(len(reference), prompts, lambda missing: reference[missing], self.device)
 
     @torch.no_grad()
     def restore(

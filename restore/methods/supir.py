@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from restore.diffusion.edm import SUPIR_SIGMA_MAX
+from restore.methods.captions import CaptionFallback
 from restore.methods.checkpoints import CheckpointMismatchError
 from restore.methods.controlnet_sr import sampling_settings
 from restore.methods.latent_diffusion import LatentDiffusionSR, build
@@ -201,7 +202,7 @@ class SUPIR(LatentDiffusionSR):
         elif kwargs.get("gradient_checkpointing"):  # stage A back-propagates through the frozen decoder
             checkpoint_diffusers_blocks(self.prior.vae.decoder)
         self.sampling = sampling_settings(sampling, scale)
-        self.__dict__["_captioner"] = captioner  # not a submodule: a 13B MLLM stays out of checkpoints
+        self._captions = CaptionFallback(captioner, default_prompt, CAPTION_RECORD, captioner_device)
         self._control_scale_now = float(control_scale)
         self._dtypes_applied = False
         self._truncation_warned = False
@@ -359,34 +360,11 @@ class SUPIR(LatentDiffusionSR):
             views.append(resize_bicubic(restored, final)[0])
         return views
 
-    def _captioner_module(self) -> Any:
-        captioner = self._captioner
-        if captioner is not None and not isinstance(captioner, nn.Module):  # a factory: build on first use
-            captioner = self.__dict__["_captioner"] = captioner()
-        return captioner
-
     @torch.no_grad()
     def captions(self, lq: Tensor, prompts: Sequence[Mapping[str, str]] | None = None) -> list[str]:
-        """Per image: the record's ``caption``, else the captioner's caption of the stage-1 restoration, else
-        ``default_prompt``. Only the images without a record are captioned (in one batch)."""
-        if prompts is not None and len(prompts) != len(lq):
-            raise ValueError(f"got {len(prompts)} prompt records for {len(lq)} images")
-        records = [None] * len(lq) if prompts is None else [r.get(CAPTION_RECORD) for r in prompts]
-        missing = [i for i, text in enumerate(records) if text is None]
-        if not missing:
-            return list(records)
-        captioner = self._captioner_module()
-        if captioner is None:
-            fills = [self.hparams.default_prompt] * len(missing)
-        else:
-            views = self.caption_views(lq[missing])
-            device = self.hparams.captioner_device or self.device
-            if not getattr(captioner, "quantized", False):  # bitsandbytes weights cannot be moved
-                captioner.to(device)
-            fills = list(captioner.caption([v.to(device) for v in views]))
-        for i, text in zip(missing, fills, strict=True):
-            records[i] = text
-        return list(records)
+        """Per image: the record's ``caption``, else the captioner's caption of the stage-1 restoration
+        (:meth:`caption_views`), else ``default_prompt``; only the images without a record are captioned."""
+        return self._captions(len(lq), prompts, lambda missing: self.caption_views(lq[missing]), self.device)
 
     def caption_source(self) -> Callable[[list[Tensor]], list[str]]:
         """A prompt source for :func:`restore.data.prompt_extraction.extract_prompts` (LR images -> captions), so
