@@ -458,3 +458,21 @@ def test_an_8bit_captioner_needs_a_cuda_device_and_says_so() -> None:
 
     with pytest.raises(ValueError, match=r"load_in_8bit needs a CUDA device .*captioner.device=cuda:0"):
         MLLMCaptioner.from_pretrained("llava-hf/llava-1.5-13b-hf", "describe", load_in_8bit=True)
+
+
+def test_the_vae_tiles_run_for_the_robust_encoder_the_decoder_and_the_encoder(monkeypatch) -> None:
+    import restore.sampling.tiled_vae as tiled_vae
+
+    calls = []
+    run_tiled = tiled_vae._run_tiled
+
+    def spy(program, x, *args, **kwargs):
+        calls.append(tuple(x.shape[-2:]))
+        return run_tiled(program, x, *args, **kwargs)
+
+    monkeypatch.setattr(tiled_vae, "_run_tiled", spy)
+    module = _tiny(sampling={"vae_encoder_tile": 64, "vae_decoder_tile": 8, "num_steps": 2})
+    out = module.restore(torch.rand(1, 3, 64, 64))  # 256 px / 32 latent px: beyond a tile and its padding
+    assert torch.isfinite(out).all()
+    # E_dr on the 256 px input, D on its 32x32 latent (stage 1), E on the stage-1 image, D on the sample
+    assert calls == [(256, 256), (32, 32), (256, 256), (32, 32)]
