@@ -324,7 +324,27 @@ def _eval_spec(cfg: DictConfig) -> EvalSpec:
         report=OmegaConf.to_container(cfg.get("report") or {}, resolve=True),
         overrides=sweep_overrides(),
         job_num=sweep_job_num(),
+        protocol=_checked_protocol(cfg),
     )
+
+
+def _checked_protocol(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``protocol`` node as a plain dict, refused when the installed pyiqa is outside its version range."""
+    node = cfg.get("protocol")
+    if node is None:
+        return None
+    protocol = OmegaConf.to_container(node, resolve=True)
+    wanted = protocol.get("pyiqa")
+    if wanted:
+        import pyiqa
+        from packaging.specifiers import SpecifierSet
+
+        if pyiqa.__version__ not in SpecifierSet(str(wanted)):
+            raise ConfigError(
+                f"protocol={protocol.get('name')} needs pyiqa {wanted} (its metric defaults differ between "
+                f"releases); installed: {pyiqa.__version__}. Install a matching pyiqa or choose another protocol"
+            )
+    return protocol
 
 
 def _evaluate_on_rank(fabric: Any, spec: EvalSpec) -> dict[str, Any] | None:
@@ -353,8 +373,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         log.info(f"{results['method']} on {results['benchmark']} ({results['num_scored']} images):\n{table}")
         if results["missing_metrics"]:
             names = " ".join(sorted(results["missing_metrics"]))
+            # the fetch command takes pyiqa names: a protocol's column "maniqa" may be pyiqa's maniqa-pipal
+            catalog = cfg.get("metrics") or {}
+            variants = sorted(
+                {str((catalog.get(n) or {}).get("pyiqa") or n) for n in results["missing_metrics"]}
+            )
             log.warning(
                 f"not scored (weights missing): {names}. Fetch them on a machine with internet: "
-                f"python -m restore.weights fetch --metric {names}"
+                f"python -m restore.weights fetch --metric {' '.join(variants)}"
             )
     return results

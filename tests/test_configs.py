@@ -40,6 +40,7 @@ GROUPS = [
     "degradation",
     "method",
     "metrics",
+    "protocol",
 ]
 
 

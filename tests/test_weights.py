@@ -70,7 +70,20 @@ def _hf(url: str) -> str:
 
 def test_manifest_urls_are_the_ones_pyiqa_and_torchvision_use():
     import timm.models
-    from pyiqa.archs import clip_model, dists_arch, inception, lpips_arch, maniqa_arch, musiq_arch, niqe_arch
+
+    from restore.metrics.compat import install_pkg_resources_packaging
+
+    install_pkg_resources_packaging()  # what the metric suite does before pyiqa's CLIP metrics import
+    from pyiqa.archs import (
+        clip_model,
+        clipiqa_arch,
+        dists_arch,
+        inception,
+        lpips_arch,
+        maniqa_arch,
+        musiq_arch,
+        niqe_arch,
+    )
     from torchvision.models import AlexNet_Weights, VGG16_Weights
 
     expected = {
@@ -85,6 +98,11 @@ def test_manifest_urls_are_the_ones_pyiqa_and_torchvision_use():
         "ckpt_koniq10k.pt": _hf(maniqa_arch.default_model_urls["koniq"]),
         "musiq_koniq_ckpt-e95806b9.pth": _hf(musiq_arch.default_model_urls["koniq10k"]),
         "RN50.pt": clip_model._MODELS["RN50"],
+        # the variants of the evaluation protocols (configs/protocol/)
+        "MANIQA_PIPAL-ae6d356b.pth": _hf(maniqa_arch.default_model_urls["pipal"]),
+        "CLIP-IQA%2B_learned_prompts-603f3273.pth": _hf(clipiqa_arch.default_model_urls["clipiqa+"]),
+        "CLIPIQA%2B_ViTL14_512-e66488f2.pth": _hf(clipiqa_arch.default_model_urls["clipiqa+_vitL14_512"]),
+        "ViT-L-14.pt": clip_model._MODELS["ViT-L/14"],
     }
     by_name = {wf.name: wf for wf in manifest()}
     for name, url in expected.items():
@@ -97,7 +115,8 @@ def test_manifest_urls_are_the_ones_pyiqa_and_torchvision_use():
     for wf in manifest():
         if wf.sha256_prefix:
             assert wf.name.rsplit(".", 1)[0].endswith("-" + wf.sha256_prefix)
-    assert by_name["RN50.pt"].sha256 == by_name["RN50.pt"].url.split("/")[-2]
+    for clip in ("RN50.pt", "ViT-L-14.pt"):
+        assert by_name[clip].sha256 == by_name[clip].url.split("/")[-2]
 
 
 def test_destinations_follow_torch_home(torch_home):

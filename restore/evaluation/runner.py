@@ -85,6 +85,7 @@ class EvalSpec:
     report: Mapping[str, Any] = field(default_factory=dict)
     overrides: Mapping[str, str] = field(default_factory=dict)  # a sweep's varying overrides (sweep.py)
     job_num: int | None = None  # the job's number in that sweep
+    protocol: Mapping[str, Any] | None = None  # the `protocol` config node (configs/protocol/), recorded
 
     @property
     def images_dir(self) -> Path:
@@ -461,6 +462,7 @@ def build_results(
             "ckpt_path": spec.ckpt_path,
             "outputs": None if spec.outputs is None else str(spec.outputs),
             "metric_details": describe,
+            "protocol": dict(spec.protocol) if spec.protocol else None,
             "pyiqa_version": pyiqa.__version__,
             "torch_version": torch.__version__,
             "config_hash": spec.run_key,

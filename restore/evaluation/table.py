@@ -34,6 +34,7 @@ __all__ = [
     "Table",
     "build_table",
     "coverage_notes",
+    "protocol_notes",
     "load_results",
     "mark_cells",
     "md_cell",
@@ -246,6 +247,23 @@ def coverage_notes(label: str, runs: Mapping[str, Mapping[str, Any]]) -> list[st
     return notes
 
 
+def protocol_notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The evaluation protocol under the table: one line when every run used the same one, else which run used
+    which (their numbers are not comparable cell for cell)."""
+    used: dict[str, list[str]] = {}
+    summaries: dict[str, str] = {}
+    for r in results:
+        protocol = (r.get("settings") or {}).get("protocol") or {}
+        name = str(protocol.get("name") or "unrecorded")
+        summaries.setdefault(name, str(protocol.get("summary") or ""))
+        used.setdefault(name, []).append(f"{r['method']} ({r['benchmark']})")
+    if len(used) == 1:
+        name = next(iter(used))
+        return [] if name == "unrecorded" else [f"protocol {name}: {summaries[name]}".rstrip(": ")]
+    listing = "; ".join(f"{name}: {', '.join(runs)}" for name, runs in used.items())
+    return [f"the runs were scored under different protocols ({listing}): their numbers are not comparable"]
+
+
 def _order_methods(results: Sequence[Mapping[str, Any]], last: str | None) -> list[str]:
     methods = list(dict.fromkeys(r["method"] for r in results))
     if last is not None:
@@ -303,6 +321,7 @@ def build_table(
         notes = coverage_notes(g.label, {m: per_method[m] for m in methods if m in per_method})
         g.flagged = bool(notes)
         footnotes += notes
+    footnotes += protocol_notes(results)
     method_notes = {}
     for r in results:
         if r.get("note") and r["method"] not in method_notes:
