@@ -308,8 +308,9 @@ def _eval_spec(cfg: DictConfig) -> EvalSpec:
         )
     if method is not None:
         require_key(cfg, "method", group_choices("method"))
+    benchmark = Benchmark.from_config(OmegaConf.to_container(benchmark_cfg, resolve=True))
     return EvalSpec(
-        benchmark=Benchmark.from_config(OmegaConf.to_container(benchmark_cfg, resolve=True)),
+        benchmark=benchmark,
         label=method_label(cfg),
         run_dir=Path(require_key(cfg, "paths.output_dir", "run through eval.py, or set paths.output_dir")),
         run_key=run_key(cfg),
@@ -324,26 +325,17 @@ def _eval_spec(cfg: DictConfig) -> EvalSpec:
         report=OmegaConf.to_container(cfg.get("report") or {}, resolve=True),
         overrides=sweep_overrides(),
         job_num=sweep_job_num(),
-        protocol=_checked_protocol(cfg),
+        protocol=_checked_protocol(cfg, benchmark),
     )
 
 
-def _checked_protocol(cfg: DictConfig) -> dict[str, Any] | None:
-    """The ``protocol`` node as a plain dict, refused when the installed pyiqa is outside its version range."""
-    node = cfg.get("protocol")
-    if node is None:
-        return None
-    protocol = OmegaConf.to_container(node, resolve=True)
-    wanted = protocol.get("pyiqa")
-    if wanted:
-        import pyiqa
-        from packaging.specifiers import SpecifierSet
+def _checked_protocol(cfg: DictConfig, benchmark: Any) -> dict[str, Any] | None:
+    """The ``protocol`` node as a plain dict, after :func:`restore.evaluation.protocol.check_protocol`."""
+    from restore.evaluation.protocol import check_protocol
 
-        if pyiqa.__version__ not in SpecifierSet(str(wanted)):
-            raise ConfigError(
-                f"protocol={protocol.get('name')} needs pyiqa {wanted} (its metric defaults differ between "
-                f"releases); installed: {pyiqa.__version__}. Install a matching pyiqa or choose another protocol"
-            )
+    node = cfg.get("protocol")
+    protocol = None if node is None else OmegaConf.to_container(node, resolve=True)
+    check_protocol(protocol, benchmark)
     return protocol
 
 

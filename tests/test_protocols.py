@@ -11,8 +11,9 @@ import pytest
 from hydra_helpers import compose_config, options
 from packaging.specifiers import SpecifierSet
 
+from restore.evaluation.protocol import ProtocolError
 from restore.evaluation.table import protocol_notes
-from restore.run import ConfigError, evaluate
+from restore.run import evaluate
 from restore.weights.manifest import files_for_metric
 
 PROTOCOLS = options("protocol")
@@ -108,8 +109,27 @@ def test_results_and_table_carry_the_protocol_and_the_crop_changes_the_numbers(
 
 
 def test_a_pyiqa_outside_the_protocols_range_is_refused(samples_root, tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"protocol=seesr needs pyiqa <0.1 .*installed: 0\.1\.16"):
+    with pytest.raises(ProtocolError, match=r"protocol=seesr needs pyiqa <0.1 .*installed: 0\.1\.16"):
         _eval("seesr", samples_root, tmp_path, "protocol.pyiqa='<0.1'")
+
+
+def test_a_test_set_prepared_otherwise_is_refused_naming_the_preparation(samples_root, tmp_path) -> None:
+    # the samples' GT are 256 px: under a protocol whose tables used 1024 px GT for this set name, refused
+    extra = ["+protocol.testsets.samples.gt_size=1024", "+protocol.testsets.samples.prepare='build it'"]
+    with pytest.raises(ProtocolError, match=r"scores samples on 1024x1024 GT.* are another size .*build it"):
+        _eval("dreamclear", samples_root, tmp_path, *extra)
+    assert (
+        _eval("dreamclear", samples_root, tmp_path, "+protocol.testsets.samples.gt_size=256")["num_scored"]
+        == 8
+    )
+
+
+@pytest.mark.parametrize("name", PROTOCOLS)
+def test_every_testset_entry_says_its_gt_size_and_how_to_build_it(name: str, tmp_path) -> None:
+    cfg = compose_config("eval", ["benchmark=realsr", "method=bicubic", f"protocol={name}"], tmp_path)
+    for entry in cfg.protocol.testsets.values():
+        assert set(entry) == {"gt_size", "prepare", "note"} and entry.prepare and entry.note
+        assert entry.gt_size is None or entry.gt_size in (512, 1024)
 
 
 # ------------------------------------------------------------------------------------------ rescore

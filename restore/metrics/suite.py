@@ -41,6 +41,12 @@ _RESTORE_IMPLEMENTATIONS = {
     "ssimc": "restore.metrics.ssim.SeparableSSIM",
 }
 
+#: restore's own metrics, which pyiqa does not have: catalog ``pyiqa`` name -> (class, kind). Their options go
+#: to the class; a missing model file raises :class:`~restore.weights.MissingWeightsError` when it is built.
+_RESTORE_METRICS = {
+    "tag_f1": ("restore.metrics.semantic.TagAgreement", "fr"),
+}
+
 #: What each pyiqa implementation does that a reader of a results table needs to know (read in pyiqa 0.1.16:
 #: ``pyiqa/archs/*_arch.py`` and ``pyiqa/default_model_configs.py``; docs/references.md).
 _NOTES = {
@@ -55,6 +61,7 @@ _NOTES = {
     "musiq": "multi-scale patches: longer side 224 and 384 + original resolution",
     "clipiqa": "CLIP RN50, 5 antonym prompt pairs, softmax per pair, mean P(positive), no resize",
     "fid": "clean mode: 8-bit image, per-channel PIL bicubic float resize to 299, (x-128)/128, Inception pool3",
+    "tag_f1": "restore's: F1 of the RAM tags of the restored image vs those of the GT (restore.metrics.semantic)",
 }
 
 
@@ -112,6 +119,16 @@ def resolve_spec(entry: str | Mapping[str, Any], catalog: Mapping[str, Mapping[s
             f"metric {name!r}: unknown keys {sorted(unknown)} (allowed: {sorted(_SPEC_KEYS - {'name'})})"
         )
     pyiqa_name = fields.get("pyiqa", name)
+    if pyiqa_name in _RESTORE_METRICS:
+        if "crop_border" in (fields.get("options") or {}):
+            raise ValueError(f"metric {name!r}: set crop_border: true on the spec, not in options")
+        return MetricSpec(
+            name=name,
+            pyiqa=pyiqa_name,
+            options=_plain(fields.get("options") or {}),
+            crop_border=bool(fields.get("crop_border")),
+            implementation="restore",
+        )
     if pyiqa_name not in _pyiqa_configs():
         raise ValueError(
             f"unknown metric {name!r}: not in the catalog ({', '.join(catalog) or 'empty'}) and not a pyiqa "
@@ -141,6 +158,8 @@ def resolve_spec(entry: str | Mapping[str, Any], catalog: Mapping[str, Mapping[s
 
 
 def _kind(pyiqa_name: str) -> str:
+    if pyiqa_name in _RESTORE_METRICS:
+        return _RESTORE_METRICS[pyiqa_name][1]
     if "fid" in pyiqa_name:  # pyiqa's own rule (InferenceModel.forward)
         return "set"
     if pyiqa_name == "inception_score":
@@ -204,7 +223,11 @@ class MetricSuite:
                 log.info("metric %s left out: it needs ground truth and the benchmark has none", spec.name)
                 continue
             try:
-                check_metric_weights(spec.pyiqa, spec.options)
+                if spec.pyiqa in _RESTORE_METRICS:  # its own loader names missing files while building
+                    metric = self._build(spec, kind)
+                else:
+                    check_metric_weights(spec.pyiqa, spec.options)
+                    metric = None
             except MissingWeightsError as err:
                 if on_missing_weights == "error":
                     raise
@@ -219,7 +242,7 @@ class MetricSuite:
                 )
                 self.missing[spec.name] = str(err)
                 continue
-            metric = self._build(spec, kind)
+            metric = metric if metric is not None else self._build(spec, kind)
             self.specs[spec.name], self.kind[spec.name], self._metrics[spec.name] = spec, kind, metric
             self.lower_better[spec.name] = bool(metric.lower_better)
             self._random[spec.name] = any(wf.is_random() for wf in files_for_metric(spec.pyiqa, spec.options))
@@ -235,6 +258,10 @@ class MetricSuite:
             from restore.metrics.fid import FIDFeatures
 
             return FIDFeatures(self.device, **spec.options)
+        if spec.pyiqa in _RESTORE_METRICS:
+            from hydra.utils import get_class
+
+            return get_class(_RESTORE_METRICS[spec.pyiqa][0])(**spec.options).to(self.device).eval()
         if spec.implementation == "restore":
             from hydra.utils import get_class
 
@@ -270,6 +297,8 @@ class MetricSuite:
                 "weights": [wf.name for wf in files_for_metric(spec.pyiqa, spec.options)],
                 "implementation": spec.implementation
                 if spec.implementation == "pyiqa"
+                else _RESTORE_METRICS[spec.pyiqa][0]
+                if spec.pyiqa in _RESTORE_METRICS
                 else f"{_RESTORE_IMPLEMENTATIONS[spec.pyiqa]} (equals pyiqa's {spec.pyiqa})",
             }
             if spec.pyiqa in _NOTES:
