@@ -326,6 +326,7 @@ def _eval_spec(cfg: DictConfig) -> EvalSpec:
         overrides=sweep_overrides(),
         job_num=sweep_job_num(),
         protocol=_checked_protocol(cfg, benchmark),
+        precision=str(OmegaConf.select(cfg, "trainer.precision", default="32-true")),
     )
 
 

@@ -91,17 +91,25 @@ def _selected_metrics(benchmark: Mapping[str, Any], catalog: Mapping[str, Any] |
     return selected
 
 
+#: Precisions that run the networks in float32: the default, left out of run keys (so keys made before precision
+#: was part of them stay valid).
+FLOAT32_PRECISIONS = ("32-true", "32", 32, None)
+
+
 def evaluation_key(
     benchmark: Mapping[str, Any],
     method: Any,
     weights: Any,
     outputs: str | os.PathLike | None = None,
     metric_catalog: Mapping[str, Any] | None = None,
+    precision: str | int | None = None,
 ) -> str:
     """Hash of what defines an evaluation's images and scores, from plain containers.
 
     ``weights``: what identifies the trained weights (:func:`ckpt_signature` of a file, or
-    :func:`module_digest` of an in-memory module).
+    :func:`module_digest` of an in-memory module). ``precision``: the restoring precision (Lightning's names);
+    a bf16 / fp16 run restores other images than an fp32 one, so it gets its own key. Scoring a folder
+    (``outputs``) runs no network of the method: its precision is not part of the key.
     """
     bench = dict(benchmark)
     prompts = bench.pop("prompts", None)
@@ -115,6 +123,8 @@ def evaluation_key(
         "outputs": str(Path(outputs).expanduser().resolve()) if outputs else None,
         "metrics": _selected_metrics(benchmark, metric_catalog),
     }
+    if precision not in FLOAT32_PRECISIONS and not outputs:
+        parts["precision"] = str(precision)
     return stable_hash(parts, 8)
 
 
@@ -126,6 +136,7 @@ def run_key(cfg: DictConfig) -> str:
         ckpt_signature(cfg.get("ckpt_path")),
         cfg.get("outputs"),
         _plain(cfg.get("metrics")),
+        OmegaConf.select(cfg, "trainer.precision", default=None),
     )
 
 

@@ -107,7 +107,7 @@ def training_eval_spec(
         benchmark=Benchmark.from_config(benchmark),
         label=str(ev.get("label") or run_label(name, overrides)),
         run_dir=Path(cfg.paths.output_dir) / EVAL_SUBDIR / str(benchmark["name"]),
-        run_key=evaluation_key(benchmark, method, weights, None, catalog),
+        run_key=evaluation_key(benchmark, method, weights, None, catalog, ev.get("precision")),
         method=method,
         ckpt_path=ckpt_path,
         metric_catalog=catalog,
@@ -118,6 +118,7 @@ def training_eval_spec(
         report=OmegaConf.to_container(ev.get("report") or {}, resolve=True),
         overrides=overrides,
         job_num=sweep_job_num(),
+        precision=str(ev.get("precision", "32-true")),
     )
 
 

@@ -86,6 +86,7 @@ class EvalSpec:
     overrides: Mapping[str, str] = field(default_factory=dict)  # a sweep's varying overrides (sweep.py)
     job_num: int | None = None  # the job's number in that sweep
     protocol: Mapping[str, Any] | None = None  # the `protocol` config node (configs/protocol/), recorded
+    precision: str = "32-true"  # what the method restored in (Lightning's names), recorded and in the run key
 
     @property
     def images_dir(self) -> Path:
@@ -465,6 +466,9 @@ def build_results(
             "protocol": dict(spec.protocol) if spec.protocol else None,
             "pyiqa_version": pyiqa.__version__,
             "torch_version": torch.__version__,
+            "diffusers_version": _version_of("diffusers"),
+            "precision": None if spec.outputs is not None else spec.precision,
+            "device": _device_description(),
             "config_hash": spec.run_key,
             "score_fingerprint": fingerprint,
         },
@@ -472,6 +476,22 @@ def build_results(
         "job_num": spec.job_num,
         "created": datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _device_description() -> str:
+    """The accelerator the run used (numbers can differ by a few ulps between devices and kernels)."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return "cpu"
 
 
 def results_csv(results: Mapping[str, Any]) -> str:
