@@ -16,6 +16,7 @@ from restore.methods.supir import SUPIR, prompt_truncation, supir_output_size
 from restore.models.priors import sd_scheduler_config
 from restore.models.priors.sdxl import sdxl_base_prior, tiny_sdxl_prior
 from restore.models.supir import (
+    MissingControlError,
     connector_state_dict,
     denoise_encoder_ours_to_official,
     glv_ours_to_official,
@@ -161,7 +162,7 @@ def test_control_scale_zero_is_the_plain_sdxl_unet() -> None:
     torch.testing.assert_close(with_zero, plain, rtol=1e-5, atol=1e-5)
     module._control_scale_now = 1.0
     assert not torch.allclose(module.denoise(x, t, text, {"control_latent": control}), plain, atol=1e-3)
-    with pytest.raises(Exception, match="connectors|supir_control"):
+    with pytest.raises(MissingControlError, match="control_features"):
         module.prior.unet(x, t.expand(2), **module.prior.denoiser_kwargs(text))
 
 
