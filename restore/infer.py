@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ __all__ = [
     "record_config",
     "load_method",
     "resolve_device",
+    "check_output_writable",
 ]
 
 log = logging.getLogger("restore.infer")  # not "__main__" under `python -m`
@@ -243,7 +245,7 @@ def infer(cfg: DictConfig) -> InferSummary:
     autocast = autocast_for(device, str(cfg.get("precision", "fp32")))
 
     pairs = plan_outputs(input_path, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_writable(output_dir, [dst for _, dst in pairs])
     summary = InferSummary()
     todo = []
     for src, dst in pairs:
@@ -280,6 +282,26 @@ def infer(cfg: DictConfig) -> InferSummary:
             summary.restored.append(dst)
     _report(summary, output_dir)
     return summary
+
+
+def check_output_writable(output_dir: Path, outputs: list[Path]) -> None:
+    """Create ``output_dir`` and the folders of ``outputs`` and prove each writable with a probe file, so that a
+    read-only or blocked output fails before the model is loaded or any image computed."""
+    import tempfile
+
+    from restore.run import ConfigError
+
+    for folder in sorted({output_dir, *(dst.parent for dst in outputs)}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise ConfigError(
+                f"output folder '{folder}' is not writable ({err.strerror or err}); fix its permissions or remove "
+                f"what blocks it, or choose another output=DIR"
+            ) from None
 
 
 def _report(summary: InferSummary, output_dir: Path) -> None:

@@ -37,9 +37,12 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from restore.run_directory import guard_run_directory
+
 __all__ = [
     "ConfigError",
     "apply_extras",
+    "check_trainer_arguments",
     "evaluate",
     "group_choices",
     "instantiate_callbacks",
@@ -180,6 +183,50 @@ def resolve_ckpt_path(requested: str | None, ckpt_dir: str | Path, auto_resume: 
     return str(requested)
 
 
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` (from a YAML/CLI config) fits a Trainer argument's annotation; unknown types pass."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return any(_accepts(a, value) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+def check_trainer_arguments(trainer_cfg: DictConfig | None) -> None:
+    """Type-check the ``trainer`` group against ``lightning.pytorch.Trainer``'s signature before building it, so
+    ``trainer.max_steps=abc`` is a :class:`ConfigError` naming the key, not a ``TypeError`` deep in Lightning."""
+    if trainer_cfg is None or not str(trainer_cfg.get("_target_", "")).endswith("Trainer"):
+        return
+    import typing
+
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    for key, value in trainer_cfg.items_ex(resolve=False):
+        key = str(key)
+        if key.startswith("_") or key not in hints or OmegaConf.is_config(value):
+            continue
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: checked where it is defined
+        if not _accepts(hints[key], value):
+            raise ConfigError(
+                f"trainer.{key}={value!r} ({type(value).__name__}) is not a valid value: Lightning's Trainer takes "
+                f"{key}: {getattr(hints[key], '__name__', str(hints[key]).replace('typing.', ''))}"
+                + f". Fix the value of trainer.{key}"
+            )
+
+
 def apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
@@ -237,6 +284,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Returns the final logged metrics plus ``eval/<benchmark>/<metric>`` means (for sweepers and tests).
     """
+    lock = None
     try:
         single_console_log()
         apply_extras(cfg)
@@ -249,6 +297,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ):
             require_key(cfg, key, hint)
         output_dir = cfg.paths.output_dir
+        check_trainer_arguments(cfg.trainer)
+        lock = guard_run_directory(cfg, output_dir)
 
         log.info(f"instantiating datamodule <{cfg.data.get('_target_')}>")
         datamodule = instantiate(cfg.data)
@@ -270,6 +320,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resolve_ckpt_path(
             cfg.get("ckpt_path"), _checkpoint_dir(callbacks, output_dir), bool(cfg.get("auto_resume", True))
         )
+        if (
+            ckpt_path
+        ):  # Lightning would relay torch's "retry with weights_only=False" advice for a garbage file
+            from restore.weights.checkpoint_file import check_checkpoint_file
+
+            check_checkpoint_file(
+                ckpt_path,
+                written_by="train.py (a Lightning checkpoint)",
+                fix="pass ckpt_path=<run dir>/checkpoints/last.ckpt or ckpt_path=last",
+            )
         results = None
         if cfg.get("train", True):
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -287,6 +347,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info(f"final metrics: {metrics}")
         return metrics
     finally:
+        if lock is not None:
+            lock.release()
         _finish_wandb()
 
 

@@ -24,6 +24,7 @@ try:
 except ImportError:  # run from a checkout without installing: use the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from restore.data.folder_overlap import OverlappingFoldersError
 from restore.data.image_io import ImageReadError
 from restore.data.offline_pairs import GT_MODES, make_training_pairs
 from restore.data.testsets import PrepareError, available_presets
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sources, args.out, args.preset, args.crop, args.epochs, args.seed, args.gt,
                 args.batch_size, args.device, args.overwrite, not args.no_progress,
             )  # fmt: skip
-    except (PrepareError, ImageReadError) as err:
+    except (PrepareError, ImageReadError, OverlappingFoldersError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.line().replace("skipped", "kept from an earlier run"))

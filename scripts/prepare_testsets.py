@@ -5,7 +5,8 @@ Every subcommand is deterministic (same inputs and options -> identical bytes), 
 writes ``OUT/meta.json`` (how the set was made; written last, so its presence marks a finished run) and
 ends with a one-line summary. Files already in ``OUT`` are never replaced unless ``--overwrite`` is given,
 and image files in ``OUT/lq`` / ``OUT/gt`` that this run would not write are always an error (they would
-silently join the test set).
+silently join the test set). ``--out`` must lie outside every source folder and vice versa (symlinks
+resolved), so that no run can write over its own sources.
 
 Examples::
 
@@ -49,6 +50,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from restore.data.folder_overlap import check_folders_disjoint
 from restore.data.testsets import (  # noqa: F401  (re-exported for scripts and tests that import this file)
     LOG,
     META_FILE,
@@ -156,11 +158,14 @@ def run(args: argparse.Namespace) -> Summary:
         if args.src is not None:
             if args.gt_dir is not None:
                 raise PrepareError("--gt-dir goes with --lr-dir, not with --src")
+            check_folders_disjoint(args.src, [args.out])
             pairs = find_pairs(args.src, args.lr_suffix, args.gt_suffix)
             sources = {"src": [str(s) for s in args.src]}
         else:
             if args.gt_dir is None:
                 raise PrepareError("--lr-dir needs --gt-dir")
+            check_folders_disjoint([args.lr_dir], [args.out], "--lr-dir")
+            check_folders_disjoint([args.gt_dir], [args.out], "--gt-dir")
             pairs = match_dirs(args.lr_dir, args.gt_dir, args.lr_suffix, args.gt_suffix)
             sources = {"lr_dir": str(args.lr_dir), "gt_dir": str(args.gt_dir)}
         sources.update(lr_suffix=args.lr_suffix, gt_suffix=args.gt_suffix)

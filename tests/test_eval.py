@@ -272,7 +272,10 @@ def test_kill_9_while_scoring_then_the_same_command_finishes_the_rest(
 
     again = _run_eval(args[:-1], logs)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert f"resuming: {done_before} image(s) already scored" in again.stderr + again.stdout
+    assert (
+        f"score: {done_before} image(s) already scored with this configuration reused"
+        in again.stderr + again.stdout
+    )
     names = [
         json.loads(line)["name"] for line in (run / "scores/scores.rank0.jsonl").read_text().splitlines()
     ]

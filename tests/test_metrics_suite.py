@@ -224,12 +224,22 @@ def test_input_checks_and_small_images(batch, caplog):
         suite.score(sr, gt[..., :128])
     with pytest.raises(ValueError, match=r"float \(N, 3, H, W\)"):
         suite.score(sr[:, 0], gt[:, 0])
-    with pytest.raises(ValueError, match="too small for crop_border=4"):
-        suite.score(sr[..., :8, :8], gt[..., :8, :8])
     with caplog.at_level(logging.WARNING, logger="restore.metrics.suite"):
         small = suite.score(sr[..., :80, :80], gt[..., :80, :80])  # NIQE needs a 96x96 block
     assert torch.isnan(small["niqe"]).all() and torch.isfinite(small["psnr"]).all()
-    assert "smaller than 96 px" in caplog.text
+    niqe_crop = suite._crop_for(suite.specs["niqe"])
+    assert f"smaller than the {96 + 2 * niqe_crop} px it needs" in caplog.text
+    # an image that the crop border eats whole is NaN too, never an error that aborts the benchmark
+    tiny = suite.score(sr[..., :8, :8], gt[..., :8, :8])
+    assert torch.isnan(tiny["psnr"]).all() and torch.isnan(tiny["niqe"]).all()
+
+
+def test_ssim_gives_nan_for_an_image_under_its_11px_window_instead_of_raising(batch):
+    sr, gt = batch
+    suite = MetricSuite(["psnr", "ssim"], crop_border=0)
+    scores = suite.score(sr[..., :10, :10], gt[..., :10, :10])  # pyiqa's conv raises on these
+    assert torch.isnan(scores["ssim"]).all() and torch.isfinite(scores["psnr"]).all()
+    assert torch.isfinite(suite.score(sr[..., :11, :11], gt[..., :11, :11])["ssim"]).all()
 
 
 @pytest.mark.usefixtures("torch_home")

@@ -60,3 +60,17 @@ def test_results_record_precision_device_and_versions(samples_root, tmp_path) ->
     assert settings["precision"] == "32-true" and settings["device"] == "cpu"
     assert settings["diffusers_version"] == diffusers.__version__
     assert settings["pyiqa_version"] == pyiqa.__version__ and settings["torch_version"] == torch.__version__
+
+
+def test_the_seed_and_weight_files_named_in_the_method_config_are_part_of_the_run_key(tmp_path) -> None:
+    assert _key(tmp_path, "seed=1") != _key(tmp_path, "seed=2")
+    weights = tmp_path / "net.pth"
+    weights.write_bytes(b"first")
+    bench, method = {"name": "b", "metrics": ["psnr"]}, {"_target_": "m", "weights": str(weights)}
+    before = evaluation_key(bench, method, None)
+    weights.write_bytes(b"retrained")  # same path, new weights: another run
+    assert evaluation_key(bench, method, None) != before
+    # scoring a folder draws nothing: the seed does not matter there
+    assert evaluation_key(bench, None, None, outputs="x", seed=1) == evaluation_key(
+        bench, None, None, outputs="x"
+    )

@@ -62,7 +62,7 @@ def test_ties_at_displayed_precision_share_the_mark():
     )
 
 
-def test_missing_values_show_a_dash_and_are_not_ranked():
+def test_missing_values_show_a_dash_nan_values_show_nan_and_neither_is_ranked():
     results = [
         results_doc("a", "realsr", {"psnr": 24.0, "niqe": 5.0}),
         results_doc("b", "realsr", {"psnr": float("nan"), "niqe": 4.0}),  # NaN: a failed metric
@@ -70,7 +70,8 @@ def test_missing_values_show_a_dash_and_are_not_ranked():
         results_doc("d", "realsr", {"psnr": 22.0, "niqe": 6.12345}),
     ]
     lines = results_table(results).splitlines()
-    assert lines[2] == "| RealSR | PSNR ↑ | **24.00** | – | – | <u>22.00</u> |"
+    # NaN: computed, no finite value (footnoted from its per-image scores); "–": not computed at all
+    assert lines[2] == "| RealSR | PSNR ↑ | **24.00** | NaN | – | <u>22.00</u> |"
     assert lines[3] == "|  | NIQE ↓ | <u>5.0000</u> | **4.0000** | – | 6.1235 |"
     # A lone value is not "best" of anything.
     single = [results_doc("a", "realsr", {"psnr": 24.0}), results_doc("b", "realsr", {"niqe": 4.0})]

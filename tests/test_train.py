@@ -5,8 +5,10 @@ The training runs go through ``train.py`` in a subprocess, exactly as a user sta
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -96,6 +98,7 @@ def test_resume_continues_step_counter_and_degradation_generator(
         "trainer.max_steps=5",
         "ckpt_path=last",
         "auto_resume=false",
+        "resume_with_changed_config=true",  # max_steps 3 -> 5 is a changed config: said on purpose
         f"hydra.run.dir={resumed_dir}",
     )
     reference = _cli("train.py", *TINY, "trainer.max_steps=5", f"hydra.run.dir={tmp_path / 'uninterrupted'}")
@@ -114,6 +117,33 @@ def test_resume_continues_step_counter_and_degradation_generator(
     assert not torch.equal(resumed_state, at_step3), "the generator must have advanced after resuming"
     # restored, not re-seeded: the resumed run continued the very same random stream
     assert torch.equal(resumed_state, uninterrupted[GENERATOR_CKPT_KEY]["states"][0])
+    history = {p.name: yaml.safe_load(p.read_text()) for p in (resumed_dir / "config_history").glob("?.yaml")}
+    assert {name: h["trainer"]["max_steps"] for name, h in history.items()} == {"0.yaml": 3, "1.yaml": 5}
+
+
+def test_a_changed_config_or_a_live_run_in_the_same_directory_is_refused(
+    three_step_run: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "again"
+    shutil.copytree(three_step_run, run_dir)
+    proc = _run(_cli("train.py", *TINY, "trainer.max_steps=5", f"hydra.run.dir={run_dir}"))
+    assert proc.returncode != 0
+    assert "trainer.max_steps: 3 -> 5" in proc.stderr and "resume_with_changed_config=true" in proc.stderr
+    # Hydra rewrote the record before train.py ran: it is put back, and the checkpoint is untouched
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["trainer"]["max_steps"] == 3
+    assert _load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-12-03T10:00:00"}
+    (run_dir / ".restore.lock").write_text(json.dumps(holder))  # this test process: alive
+    proc = _run(_cli("train.py", *TINY, "trainer.max_steps=3", f"hydra.run.dir={run_dir}"))
+    assert (
+        proc.returncode != 0 and f"in use by pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
+    )
+    assert _load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_a_mistyped_trainer_argument_names_its_key() -> None:
+    proc = _run(_cli("train.py", *TINY, "trainer.max_steps=abc", "train=false"))
+    assert proc.returncode != 0 and "trainer.max_steps='abc' (str) is not a valid value" in proc.stderr
 
 
 def test_ckpt_path_resolution(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ def test_train_then_evaluate_equals_eval_py_on_the_checkpoint(samples_root: Path
     # the run resumed and trained one step further: its evaluation is of the new weights, not the old ones
     key = (run / "eval/samples/run_key.txt").read_text()
     cfg.trainer.max_steps = 3
+    cfg.resume_with_changed_config = True  # training further is a changed config: said on purpose
     train(cfg)
     assert (run / "eval/samples/run_key.txt").read_text() != key
     assert _results(run / "eval/samples/results.json")["aggregate"] != after["aggregate"]

@@ -210,7 +210,7 @@ def test_fetch_verifies_sha256_and_installs_atomically(torch_home, tmp_path):
             fetch(bad, progress=False)
         assert not bad.path.exists()
     assert sorted(p.name for p in (torch_home / "pyiqa").iterdir()) == sorted(
-        [good.name, full.name]
+        [good.name, full.name, "weights.lock.json"]
     )  # no temp
 
 
@@ -238,6 +238,54 @@ def test_fetch_never_overwrites_a_valid_file(torch_home, tmp_path):
         fetch(unhashed, progress=False, force=True).status == "present"
         and unhashed.path.read_bytes() == b"old"
     )
+
+
+def test_first_fetch_pins_sha256_and_later_fetches_and_loads_refuse_a_change(
+    torch_home, tmp_path, capsys, monkeypatch
+):
+    """Issue 18 case 8: a file without a published hash is pinned at its first fetch, then verified."""
+    from restore.weights.checkpoint_file import load_checkpoint_file
+    from restore.weights.lock import LOCK_FILE
+
+    first = tmp_path / "first.pth"
+    torch.save({"w": torch.ones(2)}, first)
+    content = first.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    entry = _toy_entry(tmp_path, content)  # manifest entry with neither sha256 nor prefix
+    result = fetch(entry, progress=False)
+    assert result.status == "downloaded" and "pinned" in result.message
+    lock = json.loads((entry.path.parent / LOCK_FILE).read_text())
+    assert lock["files"][entry.name]["sha256"] == digest
+    assert lock["files"][entry.name]["url"] == entry.url
+    assert entry.verify() is True
+    assert load_checkpoint_file(entry.path, written_by="a test")["w"].tolist() == [1.0, 1.0]
+
+    # upstream changes the file: a fresh fetch refuses it and installs nothing
+    served = tmp_path / "served" / "toy.bin"
+    torch.save({"w": torch.zeros(2)}, served)
+    changed = hashlib.sha256(served.read_bytes()).hexdigest()
+    entry.path.unlink()
+    with pytest.raises(WeightsVerificationError) as info:
+        fetch(entry, progress=False)
+    message = str(info.value)
+    assert digest in message and changed in message and entry.name in message and "--repin" in message
+    assert not entry.path.exists()
+    assert sorted(p.name for p in entry.path.parent.iterdir()) == [LOCK_FILE]  # no temp left
+
+    # the installed file changes on disk: fetch reports it invalid, loading refuses it
+    entry.path.write_bytes(served.read_bytes())
+    invalid = fetch(entry, progress=False)
+    assert invalid.status == "invalid" and digest in invalid.message and changed in invalid.message
+    with pytest.raises(WeightsVerificationError, match="--repin") as info:
+        load_checkpoint_file(entry.path, written_by="a test")
+    assert str(entry.path) in str(info.value) and digest in str(info.value) and changed in str(info.value)
+
+    # --repin: the user accepts the new file; it is pinned and loads again
+    monkeypatch.setattr("restore.weights.__main__.get", {entry.name: entry}.__getitem__)
+    assert cli(["fetch", entry.name, "--repin"]) == 0
+    assert "pinned" in capsys.readouterr().out
+    assert json.loads((entry.path.parent / LOCK_FILE).read_text())["files"][entry.name]["sha256"] == changed
+    assert load_checkpoint_file(entry.path, written_by="a test")["w"].tolist() == [0.0, 0.0]
 
 
 def _npz_arrays() -> dict[str, np.ndarray]:

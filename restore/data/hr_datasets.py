@@ -60,6 +60,8 @@ class ImageFolderHR(Dataset):
             ``{prompt: highlevel, lowlevel_prompt: lowlevel}`` (a content caption and a quality text per
             image, as qyp2000/XPSR ``dataloader/localdataset.py`` reads them).
         prompt_missing: ``"error"`` or ``"empty"`` for images without an entry.
+        repeats: items per image and epoch (item i is image ``i % len(files)``), as :class:`EmbeddedPhotos`,
+            so an experiment that lengthens its epochs runs on any folder (``data=folder``).
     """
 
     def __init__(
@@ -75,7 +77,11 @@ class ImageFolderHR(Dataset):
         prompt_key: str | Mapping[str, str] = "prompt",
         file_list_key: str | None = None,
         prompt_missing: str = "error",
+        repeats: int = 1,
     ):
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats <= 0:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        self.repeats = repeats
         self.root = Path(root)
         files = list_images(self.root, file_list, file_list_key)
         if limit is not None:
@@ -94,12 +100,15 @@ class ImageFolderHR(Dataset):
         self.prompts = load_prompt_fields(prompts, prompt_key, prompt_missing, self.keys)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) * self.repeats
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root='{self.root}', n={len(self)}, transform={self.transform})"
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        index %= len(self.files)
         key = self.keys[index]
         crop = self.transform(read_image(self.files[index]), key=key)
         item = {"hq": to_tensor(crop), "key": key}

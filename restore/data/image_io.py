@@ -11,6 +11,7 @@ EXIF orientation is ignored, as in BasicSR/Real-ESRGAN, so that pixels match the
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,17 +20,23 @@ import cv2
 import numpy as np
 import torch
 
+from restore.atomic_write import atomic_write_bytes
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
     "image_size",
     "is_image_file",
     "list_images",
+    "os_error_reason",
     "read_image",
     "to_numpy",
     "to_tensor",
+    "walk_files",
     "write_image",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Lower-case suffixes recognised as images (matching is case-insensitive).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -125,7 +132,10 @@ def read_image(path: str | os.PathLike, alpha_background: float = 1.0) -> np.nda
         )
     if path.is_dir():
         raise ImageReadError(path, "it is a directory, not a file", "point at an image file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # permission denied, a dangling network mount, an I/O error of the disk
+        raise ImageReadError(path, os_error_reason(err), _os_error_fix(err, path)) from err
     redownload = f"re-download or re-export the file, or drop it from the file list ({_DATA_README})"
     if not data:
         raise ImageReadError(path, "the file is empty", redownload)
@@ -199,14 +209,7 @@ def write_image(path: str | os.PathLike, img: np.ndarray | torch.Tensor, overwri
     ok, encoded = cv2.imencode(".png", u8)
     if not ok:
         raise OSError(f"OpenCV failed to encode '{path}' as PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(encoded.tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_bytes(path, encoded.tobytes())
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -224,16 +227,56 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy().transpose(1, 2, 0))
 
 
+def os_error_reason(err: OSError) -> str:
+    """``"permission denied (errno 13)"``: an OSError in the words of a skip reason."""
+    text = (err.strerror or type(err).__name__).lower()
+    return f"{text} (errno {err.errno})" if err.errno else text
+
+
+def _os_error_fix(err: OSError, path: Path) -> str:
+    if isinstance(err, PermissionError):
+        return f"make it readable by this user (e.g. `chmod a+r '{path}'`), or remove it from the folder"
+    return "check the disk or mount it lives on, or remove it from the folder"
+
+
+def walk_files(root: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every file under ``root`` (hidden files and folders left out), sorted by relative path, and the folders
+    that were not listed, each with its reason.
+
+    Symlinked folders are followed (datasets are often linked into data/), each real folder once: a link back to
+    a folder already on the way down (a loop) or already listed is reported instead of being listed again, so a
+    loop cannot multiply the images. A folder that cannot be opened (permission denied) is reported, not
+    silently dropped.
+    """
+    root = Path(root)
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    listed: dict[tuple[int, int], Path] = {}
+
+    def unreadable(err: OSError) -> None:
+        problems.append((Path(err.filename), f"the folder cannot be listed: {os_error_reason(err)}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        here = Path(dirpath)
+        st = os.stat(here)
+        seen = listed.get((st.st_dev, st.st_ino))
+        if seen is not None:
+            problems.append((here, f"a symlink to the folder '{seen}', which is already listed (a loop?)"))
+            dirnames[:] = []
+            continue
+        listed[(st.st_dev, st.st_ino)] = here
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(here / name for name in filenames if not name.startswith("."))
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    return files, problems
+
+
 def _walk_images(root: Path) -> list[Path]:
-    found = []
-    # followlinks: dataset folders are often symlinked into data/.
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            # Hidden files include macOS '._x.png' resource forks, which are not images.
-            if not name.startswith(".") and is_image_file(name):
-                found.append(Path(dirpath, name))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    # Hidden files include macOS '._x.png' resource forks, which are not images.
+    files, problems = walk_files(root)
+    for folder, reason in problems:
+        log.warning(f"skipped '{folder}': {reason}")
+    return [f for f in files if is_image_file(f)]
 
 
 def _read_file_list(file_list: Path, key: str | None) -> list[str]:

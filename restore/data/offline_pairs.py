@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from restore.atomic_write import atomic_write_text
 from restore.data.degradation import RealESRGANDegradation
+from restore.data.folder_overlap import check_folders_disjoint
 from restore.data.image_io import image_size, list_images, read_image, to_tensor, write_image
 from restore.data.testsets import (
     META_FILE,
@@ -138,7 +140,7 @@ def _check_recipe(out: Path, recipe: dict, overwrite: bool) -> bool:
         return (out / META_FILE).is_file()
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # an --overwrite run is unfinished until it writes its own
-    path.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(recipe, indent=2) + "\n")
     return False
 
 
@@ -170,6 +172,8 @@ def make_training_pairs(
         full.check_input_size(crop, crop)
     except ValueError as err:
         raise PrepareError(f"--crop {crop}: {err}") from err
+    # only the written folders count: `--src embedded` reads OUT/hr_embedded, which no run writes into
+    check_folders_disjoint(src_dirs, [out / sub for sub in OUTPUT_FOLDERS])
     sources, paths = _sources([Path(s) for s in src_dirs])
     plans = plan_training_crops(sources, epochs, crop, seed)
     recipe = {
@@ -249,5 +253,5 @@ def make_training_pairs(
             for p in plans
         ],
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
     return Summary("training_pairs", out, len(todo), kept, unit="crop")

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from restore.atomic_write import atomic_path
 from restore.data.image_io import ImageReadError, list_images, read_image, to_tensor
 
 __all__ = [
@@ -168,17 +169,11 @@ def write_side_file(path: str | os.PathLike, records: Iterable[Mapping[str, Any]
     """Write one JSON object per line to a temporary file beside ``path``, then ``os.replace`` it (atomic:
     readers see the old or the new file, never half of one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

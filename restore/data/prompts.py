@@ -58,7 +58,7 @@ class PromptTable:
         self.key = key
         self.missing = missing
         if not self.path.is_file():
-            raise FileNotFoundError(f"prompt side-file '{self.path}' does not exist (format: data/README.md)")
+            raise FileNotFoundError(_missing_file_message(self.path, key))
         self._records: dict[str, tuple[int, dict[str, Any]]] = {}
         stems: dict[str, list[str]] = {}
         with self.path.open(encoding="utf-8") as f:
@@ -187,6 +187,29 @@ class PromptTable:
                 f"{len(missing)} image(s) have no '{self.key}' in side-file '{self.path}': {head}{more}; "
                 'add them, or set missing="empty" to use an empty prompt for them'
             )
+
+
+#: The side-file fields scripts/extract_prompts.py fills without a ``=SOURCE`` (its DEFAULT_SOURCES); XPSR reads
+#: highlevel and lowlevel together (configs/experiment/xpsr*.yaml prompt_key).
+_EXTRACTABLE_FIELDS = ("highlevel", "lowlevel", "tags", "highlevel_gt", "lowlevel_gt", "tags_gt")
+_XPSR_FIELDS = ("highlevel", "lowlevel")
+
+
+def _missing_file_message(path: Path, key: str) -> str:
+    """Which command writes the missing side-file ``path`` whose field ``key`` is read."""
+    if key in _XPSR_FIELDS:
+        fields = " ".join(f"--field {name}" for name in _XPSR_FIELDS)
+    elif key in _EXTRACTABLE_FIELDS:
+        fields = f"--field {key}"
+    else:
+        fields = f"--field {key}=<llava15_7b | qinstruct | dape | tiny_llava | captioner.yaml>"
+    return (
+        f"prompt side-file '{path}' does not exist; write it with "
+        f"`python scripts/extract_prompts.py --input <the dataset's image folder> {fields} --out {path}` "
+        f"(for the scikit-image photos of data=samples, as experiment=xpsr_tiny trains on, offline: "
+        f"`python scripts/extract_prompts.py --input-embedded --tiny {fields} --out {path}`), or point the "
+        "data config's `prompts` at an existing file (format: data/README.md)"
+    )
 
 
 def _as_text(value: Any, where: str, key: str) -> str:

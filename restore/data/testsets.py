@@ -4,7 +4,9 @@ The command line is ``scripts/prepare_testsets.py`` (its docstring lists the com
 the crop geometry); this module holds the logic, so that ``eval.py benchmark=samples`` can build its
 embedded test set on first use. Every builder is deterministic (same inputs and options -> identical
 bytes), writes ``OUT/meta.json`` last (its presence marks a finished set) and never replaces files of an
-earlier run unless asked to.
+earlier run unless asked to. Source and output folders must not overlap (:mod:`restore.data.folder_overlap`);
+an ``--overwrite`` run removes the earlier ``meta.json`` before writing and any earlier output whose source
+it now skips, so the folder always matches its meta.json.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 from tqdm import tqdm
 
 from restore import CONFIG_DIR
+from restore.atomic_write import atomic_write_text
 from restore.data.degradation import RealESRGANDegradation
+from restore.data.folder_overlap import check_folders_disjoint
 from restore.data.hr_datasets import EMBEDDED_PHOTO_NAMES, load_embedded_photo
 from restore.data.image_io import (
     ImageReadError,
@@ -104,12 +108,18 @@ def check_output_folder(
         )
 
 
+def start_output(out: Path, overwrite: bool) -> None:
+    """Mark ``out`` unfinished before the first image is written: an ``--overwrite`` run removes the earlier
+    meta.json, so a run that stops half-way never leaves new images described by the old meta.json."""
+    if overwrite:
+        (out / META_FILE).unlink(missing_ok=True)
+
+
 def _write_meta(out: Path, meta: dict, overwrite: bool) -> None:
     path = out / META_FILE
     if path.exists() and not overwrite:  # checked up front too; guards against a concurrent run
         raise PrepareError(f"'{path}' already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_dumps_meta(meta), encoding="utf-8")
+    atomic_write_text(path, _dumps_meta(meta))
 
 
 def _dumps_meta(meta: dict) -> str:
@@ -273,8 +283,11 @@ def prepare_paired(
             f"\n  (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         )
         raise PrepareError(f"{len(problems)} of {len(pairs)} pair(s) cannot be cropped:\n  - {shown}")
+    # the folders of the pair files themselves: whatever option named them, none may overlap the output
+    check_folders_disjoint(sorted({p.lr.parent for p in pairs} | {p.gt.parent for p in pairs}), [out])
     planned = [f"{sub}/{p.name}.png" for p in pairs for sub in ("lq", "gt")] + [META_FILE]
     check_output_folder(out, planned, overwrite)
+    start_output(out, overwrite)
 
     records = []
     for pair in tqdm(pairs, desc=command, unit="pair", disable=not progress):
@@ -398,6 +411,7 @@ def degrade_crops(
     if len(set(planned)) != len(planned):
         raise PrepareError("two crops would be written under the same name")
     check_output_folder(out, planned, overwrite)
+    start_output(out, overwrite)
 
     def flush(batch: list[tuple[CropPlan, np.ndarray]]) -> None:
         hq = torch.stack([to_tensor(crop) for _, crop in batch]).to(device)
@@ -467,6 +481,7 @@ def prepare_div2k_val(
     DIV2K images are larger), or skipped with a logged reason with ``skip_small``."""
     check_preset(preset)
     src = Path(src)
+    check_folders_disjoint([src], [out])
     files = list_images(src)
     sources, skipped = [], []
     for path in files:
@@ -579,6 +594,7 @@ def prepare_lr_only(
         positive_int("--max-side", max_side)
     if not src.is_dir():
         raise PrepareError(f"source folder '{src}' does not exist")
+    check_folders_disjoint([src], [out])
     candidates, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -606,6 +622,7 @@ def prepare_lr_only(
     if not by_name:
         raise PrepareError(f"no image files found under '{src}'")
     check_output_folder(out, [f"lq/{n}.png" for n in by_name] + [META_FILE], overwrite)
+    start_output(out, overwrite)
 
     records = []
     for name, rel in tqdm(by_name.items(), desc=command, unit="img", disable=not progress):
@@ -614,6 +631,9 @@ def prepare_lr_only(
         except ImageReadError as err:
             LOG.warning("skipping '%s': %s", rel, err.reason)
             skipped.append({"file": rel, "reason": err.reason})
+            # an earlier run's output of this source (only there with --overwrite: checked above) must not
+            # survive as a test image that meta.json lists as skipped
+            (out / "lq" / f"{name}.png").unlink(missing_ok=True)
             continue
         top, left, th, tw = _center_box(*img.shape[:2], max_side)
         write_image(out / "lq" / f"{name}.png", img[top : top + th, left : left + tw], overwrite=overwrite)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from restore.evaluation.results import dedupe_results, validate_all
+from restore.evaluation.results import check_same_datasets, dedupe_results, validate_all
 from restore.evaluation.sweep import variant_label
 from restore.evaluation.table import (
     BENCHMARK_NAMES,
@@ -120,6 +120,7 @@ def build_ablation(
     if not results:
         raise ValueError("no results to tabulate")
     results = sweep_order(dedupe_results(validate_all(results), on_duplicate))
+    check_same_datasets(results)
     specs = metric_specs(results)
     order = metric_order(specs, metrics)
     by_benchmark: dict[str, list[Mapping[str, Any]]] = {}
@@ -133,8 +134,8 @@ def build_ablation(
         for metric in order:
             p = metric_precision(metric, precision)
             cells = [score_cell(r["aggregate"].get(metric), p) for r in runs]
-            if all(c.value is None for c in cells):
-                continue
+            if all(c.value is None for c in cells) and not any(metric in r["metrics"] for r in runs):
+                continue  # not computed on this benchmark (e.g. PSNR without GT); computed-but-NaN stays
             lower = bool(specs[metric]["lower_better"])
             mark_cells(cells, lower)
             columns.append(Column(metric, metric_display_name(metric), lower))

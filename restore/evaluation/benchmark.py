@@ -17,7 +17,6 @@ writes it): methods whose ``restore`` takes ``prompts=`` get each image's record
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from restore.data.image_io import is_image_file
+from restore.data.image_io import is_image_file, walk_files
 from restore.data.prompts import PromptTable
 
 __all__ = ["Benchmark", "BenchmarkError", "BenchmarkItem", "Skipped", "apply_steps", "index_images"]
@@ -63,14 +62,6 @@ def _list(names: Sequence[str], shown: int = 10) -> str:
     return head + (f" (and {len(names) - shown} more)" if len(names) > shown else "")
 
 
-def _walk(root: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in filenames)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
 def index_images(root: Path, suffix: str, role: str) -> tuple[dict[str, Path], list[Skipped]]:
     """``name -> file`` for the images under ``root`` and the files left out (non-images, hidden files).
 
@@ -79,8 +70,10 @@ def index_images(root: Path, suffix: str, role: str) -> tuple[dict[str, Path], l
     if not root.is_dir():
         raise BenchmarkError(f"{role} folder '{root}' does not exist (see data/README.md for the layouts)")
     index: dict[str, Path] = {}
-    skipped: list[Skipped] = []
-    for path in _walk(root):
+    files, problems = walk_files(root)
+    # an unreadable or looping folder is reported by name (its images are not in the set): never a silent gap
+    skipped = [Skipped(f"{p.relative_to(root).as_posix()}/", str(p), reason) for p, reason in problems]
+    for path in files:
         rel = path.relative_to(root).as_posix()
         if path.name.startswith("."):
             log.debug(f"ignoring hidden file '{path}'")
@@ -200,7 +193,18 @@ class Benchmark:
         gt: dict[str, Path] = {}
         if self.gt_dir is not None:
             gt, gt_skipped = index_images(self.gt_dir, self.gt_suffix, "GT")
-            skipped += [s for s in gt_skipped if s.name in lr]
+            skipped += [s for s in gt_skipped if s.name in lr or s.name.endswith("/")]
+            # names under a folder that could not be listed on one side: skipped by name, not a mismatch
+            for side, other, problems in ((lr, gt, gt_skipped), (gt, lr, skipped)):
+                blocked = [s for s in problems if s.name.endswith("/")]
+                for name in sorted(set(side) - set(other)):
+                    folder = next((b for b in blocked if name.startswith(b.name) or b.name == "./"), None)
+                    if folder is not None:
+                        del side[name]
+                        if side is lr:
+                            skipped.append(
+                                Skipped(name, folder.path, f"its GT folder was skipped ({folder.reason})")
+                            )
             lr_only, gt_only = sorted(set(lr) - set(gt)), sorted(set(gt) - set(lr))
             if lr_only or gt_only:
                 parts = []

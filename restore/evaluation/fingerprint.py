@@ -1,7 +1,9 @@
 """Fingerprints of an evaluation: what makes two runs' images and scores interchangeable.
 
 - :func:`run_key` hashes the composed config parts that define the result (benchmark, method, weights
-  file signature, scored folder, metric selection and settings) — not batch sizes, workers or devices.
+  file signatures, seed, precision, scored folder, metric selection and settings) — not batch sizes or workers.
+  The inputs' contents are checked per image inside the run (:mod:`restore.evaluation.input_identity`), and the
+  device kind each image was restored on is recorded with it.
   ``eval.py`` names its run directory ``<label>-<run key>`` (resolver ``${eval_run_name:}``), so running
   the same command again continues the same run, and any change that alters results gets a new directory:
   nothing is recomputed needlessly and nothing of an earlier run is overwritten. A benchmark's prompt side-file
@@ -27,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = [
     "ckpt_signature",
     "evaluation_key",
+    "method_files",
     "file_digest",
     "method_label",
     "module_digest",
@@ -103,13 +106,16 @@ def evaluation_key(
     outputs: str | os.PathLike | None = None,
     metric_catalog: Mapping[str, Any] | None = None,
     precision: str | int | None = None,
+    seed: int | None = None,
 ) -> str:
     """Hash of what defines an evaluation's images and scores, from plain containers.
 
     ``weights``: what identifies the trained weights (:func:`ckpt_signature` of a file, or
     :func:`module_digest` of an in-memory module). ``precision``: the restoring precision (Lightning's names);
-    a bf16 / fp16 run restores other images than an fp32 one, so it gets its own key. Scoring a folder
-    (``outputs``) runs no network of the method: its precision is not part of the key.
+    a bf16 / fp16 run restores other images than an fp32 one, so it gets its own key. ``seed``: the global seed
+    (a diffusion method's noise follows it). Scoring a folder (``outputs``) runs no network of the method: its
+    precision and seed are not part of the key. Weight files named inside the method config (``method.weights``, a
+    prior's local folder) enter by their signature, like ``ckpt_path``: retrained in place, they change the key.
     """
     bench = dict(benchmark)
     prompts = bench.pop("prompts", None)
@@ -125,7 +131,33 @@ def evaluation_key(
     }
     if precision not in FLOAT32_PRECISIONS and not outputs:
         parts["precision"] = str(precision)
+    if seed is not None and method is not None and not outputs:
+        parts["seed"] = int(seed)
+    files = method_files(method)
+    if files:  # only then: keys of methods without files stay what they were
+        parts["method_files"] = files
     return stable_hash(parts, 8)
+
+
+def method_files(method: Any) -> dict[str, Any]:
+    """``config key -> signature`` of every string in the method config that names an existing local file or
+    folder (weights, a prior's snapshot folder): the weights behind a method, beyond ``ckpt_path``."""
+    found: dict[str, Any] = {}
+
+    def visit(node: Any, key: str) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                visit(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                visit(v, f"{key}[{i}]")
+        elif isinstance(node, str) and ("/" in node or "." in node) and "${" not in node:
+            path = Path(node).expanduser()
+            if path.is_absolute() and path.exists():
+                found[key] = ckpt_signature(path)
+
+    visit(method if isinstance(method, Mapping) else {}, "")
+    return found
 
 
 def run_key(cfg: DictConfig) -> str:
@@ -137,6 +169,7 @@ def run_key(cfg: DictConfig) -> str:
         cfg.get("outputs"),
         _plain(cfg.get("metrics")),
         OmegaConf.select(cfg, "trainer.precision", default=None),
+        cfg.get("seed"),
     )
 
 

@@ -107,7 +107,9 @@ def training_eval_spec(
         benchmark=Benchmark.from_config(benchmark),
         label=str(ev.get("label") or run_label(name, overrides)),
         run_dir=Path(cfg.paths.output_dir) / EVAL_SUBDIR / str(benchmark["name"]),
-        run_key=evaluation_key(benchmark, method, weights, None, catalog, ev.get("precision")),
+        run_key=evaluation_key(
+            benchmark, method, weights, None, catalog, ev.get("precision"), cfg.get("seed")
+        ),
         method=method,
         ckpt_path=ckpt_path,
         metric_catalog=catalog,

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from restore.atomic_write import atomic_path
 from restore.data.image_io import ImageReadError, read_image
 from restore.evaluation.results import dedupe_results, finite, result_source, validate_all
 from restore.evaluation.table import Table, build_table, metric_display_name, metric_precision
@@ -563,13 +564,8 @@ def write_report(
             "</body></html>",
         ]
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:  # temp file + rename: never a half-written report under the final name
+    with atomic_path(path) as tmp:  # never a half-written report under the final name
         tmp.write_text(doc, encoding="utf-8")
         if path.exists() and not overwrite:  # created meanwhile by someone else
             raise FileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

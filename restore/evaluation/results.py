@@ -80,7 +80,8 @@ def validate_results(data: Any, source: str = "<in-memory result>") -> dict[str,
       ``created`` [null] (ISO 8601 string), ``overrides`` [{}] (the Hydra overrides that vary across the
       sweep the run belongs to: key -> value string), ``job_num`` [null] (the run's job number in that
       sweep, non-negative integer), ``note`` [null] (what a reader must know next to the method's numbers,
-      e.g. that its prior is a tiny random one; a string).
+      e.g. that its prior is a tiny random one; a string), ``dataset`` [null] (``{"id": ..., "lr_dir": ...,
+      "gt_dir": ...}``: the content identity of the scored test set, :func:`check_same_datasets`).
     """
 
     def fail(problem: str) -> None:
@@ -177,6 +178,11 @@ def validate_results(data: Any, source: str = "<in-memory result>") -> dict[str,
         isinstance(k, str) and isinstance(v, str) for k, v in overrides.items()
     ):
         fail(f"'overrides' must be an object of override key -> value string, got {overrides!r}")
+    dataset = out.setdefault("dataset", None)
+    if dataset is not None and (not isinstance(dataset, Mapping) or not isinstance(dataset.get("id"), str)):
+        fail(
+            f"'dataset' must be an object with a string 'id' (the test set's content identity), got {dataset!r}"
+        )
     note = out.setdefault("note", None)
     if note is not None and (not isinstance(note, str) or not note.strip()):
         fail(f"'note' must be a non-empty string or null, got {note!r}")
@@ -304,6 +310,45 @@ def dedupe_results(
         if _created_key(r) > _created_key(other):
             kept[key] = (j, r)  # keep the first one's position so column order stays stable
     return [r for _, r in sorted(kept.values(), key=lambda t: t[0])]
+
+
+def _dataset_paths(result: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    recorded = result.get("dataset") or {}
+    settings = result.get("settings") or {}
+    return (
+        recorded.get("lr_dir") or settings.get("lr_dir"),
+        recorded.get("gt_dir") if recorded else settings.get("gt_dir"),
+    )
+
+
+def _describe_dataset(result: Mapping[str, Any], index: int) -> str:
+    lr, gt = _dataset_paths(result)
+    content = (result.get("dataset") or {}).get("id") or "no content id (scored before restore recorded one)"
+    return f"{result_source(result, index)} (data set {content}; LR {lr}, GT {gt})"
+
+
+def check_same_datasets(results: Sequence[Mapping[str, Any]]) -> None:
+    """Results that share a benchmark name must have scored the same files, else ``ValueError`` names both.
+
+    Two results match when their content ids (sha256 over every LR/GT file, ``results["dataset"]["id"]``) are
+    equal; a result without one (written before content ids existed) matches when its LR/GT folders are the same.
+    A test set rewritten in place, or two ``benchmark=folder`` runs on different folders, never share a row.
+    """
+    first: dict[str, tuple[int, Mapping[str, Any]]] = {}
+    for i, r in enumerate(results):
+        name = r["benchmark"]
+        if name not in first:
+            first[name] = (i, r)
+            continue
+        j, other = first[name]
+        a, b = (other.get("dataset") or {}).get("id"), (r.get("dataset") or {}).get("id")
+        same = a == b if a and b else _dataset_paths(other) == _dataset_paths(r)
+        if not same:
+            raise ValueError(
+                f"benchmark {name!r} names two different test sets: {_describe_dataset(other, j)} and "
+                f"{_describe_dataset(r, i)}. Their numbers cannot share a row: tabulate them separately, "
+                "rerun the older one on the current files, or give one set its own name (benchmark.name=...)"
+            )
 
 
 def finite(value: Any) -> float | None:

@@ -5,11 +5,14 @@ Per rank (one process per GPU, or one CPU process):
 
 1. list the benchmark (:class:`~restore.evaluation.benchmark.Benchmark`); skipped files are reported;
 2. what is scored: either the method restores this rank's share of the LR images into
-   ``images/<benchmark>/<name>.png`` (existing files of this run are kept: a resumed run does not restore
-   them again), or ``outputs=DIR`` names a folder of restored images, matched to the benchmark by name;
+   ``images/<benchmark>/<name>.png``, or ``outputs=DIR`` names a folder of restored images, matched to the
+   benchmark by name. A restored image of an earlier run in this directory is kept only when it was made from
+   an LR with the same content (sha256, :mod:`restore.evaluation.input_identity`) on the same kind of device;
+   otherwise it is restored again, and the log says how many of each and why;
 3. score this rank's share: each restored image and its GT are decoded once (DataLoader workers), grouped
    into batches of equal size and passed to every metric of the :class:`~restore.metrics.MetricSuite`;
-   each batch's records are appended to the score store before the next (a killed run loses one batch);
+   each batch's records are appended to the score store before the next (a killed run loses one batch). A
+   stored record is reused only when the restored image and the GT it scored still have the same content;
 4. gather every rank's records (exact, pickled objects), then rank 0 computes the set-level metrics (FID)
    over the whole set and writes the outputs.
 
@@ -30,6 +33,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from restore.atomic_write import atomic_write_text
 from restore.data.image_io import ImageReadError, image_size, read_image, to_tensor, write_image
 from restore.data.prompts import PromptTable
 from restore.evaluation.benchmark import (
@@ -53,8 +58,9 @@ from restore.evaluation.benchmark import (
     index_images,
 )
 from restore.evaluation.fingerprint import stable_hash
+from restore.evaluation.input_identity import ContentDigests, dataset_identity, describe_changes
 from restore.evaluation.parallel import barrier, gather_objects, world
-from restore.evaluation.score_store import ScoreStore, decode_features, encode_features, file_signature
+from restore.evaluation.score_store import ScoreStore, decode_features, encode_features
 
 __all__ = ["EvalSpec", "evaluate_benchmark", "match_outputs", "RESULTS_FORMAT"]
 
@@ -181,22 +187,31 @@ def restore_images(
     fabric: Any,
     module: torch.nn.Module | None = None,
     prompts: PromptTable | None = None,
+    digests: ContentDigests | None = None,
 ) -> list[Skipped]:
-    """Restore this rank's share of ``items`` into ``spec.images_dir`` (files already there are kept).
+    """Restore this rank's share of ``items`` into ``spec.images_dir``, reusing what is still valid.
 
+    An image already there is reused when its provenance record (``<run dir>/restored/``) says it was made from
+    an LR of the same content, on the same kind of device, and the file is the one that was written; any other
+    is deleted and restored again (it is this run's own derived file, never a user's).
     ``module``: the method to run (default: built from ``spec.method`` with ``spec.ckpt_path``); it is moved
     to the device and put in eval mode, and its train/eval mode is restored afterwards. ``prompts``: the
     benchmark's side-file (:meth:`Benchmark.prompt_table`), passed to methods that take ``prompts=``.
     """
     rank, size = world()
-    mine = [it for it in items[rank::size] if not (spec.images_dir / f"{it.name}.png").is_file()]
-    done = len(items[rank::size]) - len(mine)
-    if done and rank == 0:
-        log.info(f"resuming: {done} restored image(s) of this run already in {spec.images_dir}")
+    digests = digests or ContentDigests(None)
+    device = fabric.device if fabric is not None else torch.device("cpu")
+    provenance = ScoreStore(spec.run_dir / "restored", spec.run_key, rank, stem="restored")
+    made = provenance.load()
+    share = list(items[rank::size])
+    mine, why = _stale_restorations(spec, share, made, digests, device.type)
+    if rank == 0 and (why or len(mine) < len(share)):
+        reused = len(share) - len(mine)
+        detail = f" ({describe_changes(why)})" if why else ""
+        log.info(f"restore: {reused} image(s) of this run reused, {len(mine)} to restore{detail}")
     skipped: list[Skipped] = []
     if not mine:
         return skipped
-    device = fabric.device if fabric is not None else torch.device("cpu")
     was_training = None if module is None else module.training
     model = _load_method(spec, device) if module is None else module.to(device).eval()
     if not hasattr(model, "restore"):
@@ -211,11 +226,50 @@ def restore_images(
             f"({type(model).__name__}.restore) takes none: restoring without them"
         )
     try:
-        skipped += _restore_loop(spec, mine, model, fabric, device, prompts if use_prompts else None)
+        skipped += _restore_loop(
+            spec, mine, model, fabric, device, prompts if use_prompts else None, provenance, digests
+        )
     finally:
         if was_training is not None:
             module.train(was_training)
     return skipped
+
+
+def _stale_restorations(
+    spec: EvalSpec,
+    share: Sequence[BenchmarkItem],
+    made: Mapping[str, Mapping[str, Any]],
+    digests: ContentDigests,
+    device_kind: str,
+) -> tuple[list[BenchmarkItem], Counter]:
+    """The items of ``share`` to restore (stale outputs deleted) and why, counted by reason."""
+    todo: list[BenchmarkItem] = []
+    why: Counter = Counter()
+    for item in share:
+        out = spec.images_dir / f"{item.name}.png"
+        if not out.is_file():
+            todo.append(item)
+            why["new"] += 1
+            continue
+        record = made.get(item.name)
+        try:
+            lr_digest = digests.digest(item.lr)
+        except OSError:
+            lr_digest = None  # unreadable now: restoring it again reports the reason and skips it
+        if record is None:
+            reason = "no record of the LR it was made from"
+        elif lr_digest is None or record.get("lr_sha256") != lr_digest:
+            reason = "LR changed"
+        elif record.get("device") != device_kind:
+            reason = f"made on {record.get('device')}, this run uses {device_kind}"
+        elif record.get("sr_sha256") != digests.digest(out):
+            reason = "restored file changed since"
+        else:
+            continue
+        out.unlink()  # stale: never scored again, whatever happens to its re-restoration
+        todo.append(item)
+        why[reason] += 1
+    return todo, why
 
 
 def _restore_loop(
@@ -225,6 +279,8 @@ def _restore_loop(
     fabric: Any,
     device: torch.device,
     prompts: PromptTable | None,
+    provenance: ScoreStore,
+    digests: ContentDigests,
 ) -> list[Skipped]:
     rank, _ = world()
     skipped: list[Skipped] = []
@@ -251,7 +307,17 @@ def _restore_loop(
             )
         if not torch.isfinite(sr).all():
             raise BenchmarkError(f"method `{spec.label}` returned NaN/inf pixels for '{item.lr}'")
-        write_image(spec.images_dir / f"{item.name}.png", sr[0].float().clamp(0, 1).cpu())
+        out = write_image(spec.images_dir / f"{item.name}.png", sr[0].float().clamp(0, 1).cpu())
+        provenance.append(
+            [
+                {
+                    "name": item.name,
+                    "lr_sha256": digests.digest(item.lr),
+                    "device": device.type,
+                    "sr_sha256": digests.digest(out),
+                }
+            ]
+        )
     return skipped
 
 
@@ -268,7 +334,7 @@ class _PairDecoder(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name, sr_path, gt_path = self.pairs[index]
-        out: dict[str, Any] = {"name": name, "sr_path": str(sr_path)}
+        out: dict[str, Any] = {"name": name, "sr_path": str(sr_path), "gt_path": gt_path}
         try:
             out["sr"] = apply_steps(to_tensor(read_image(sr_path)), self.post)
             out["gt"] = None if gt_path is None else apply_steps(to_tensor(read_image(gt_path)), self.post)
@@ -315,21 +381,32 @@ def score_images(
     suite: Any,
     store: ScoreStore,
     device: torch.device,
+    digests: ContentDigests | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[Skipped]]:
-    """Score this rank's share of ``pairs``; returns its records (resumed + new) and skipped images."""
+    """Score this rank's share of ``pairs``; returns its records (resumed + new) and skipped images.
+
+    A stored record is reused only when the restored image and the GT it scored have the same content now.
+    """
     rank, size = world()
+    digests = digests or ContentDigests(None)
     mine = list(pairs[rank::size])
     stored = store.load()
     records: dict[str, dict[str, Any]] = {}
     pending = []
+    why: Counter = Counter()
     for name, sr, gt in mine:
         rec = stored.get(name)
-        if rec is not None and rec.get("sr_signature") == file_signature(sr):
+        reason = "new" if rec is None else _stale_score_reason(rec, sr, gt, digests)
+        if reason is None:
             records[name] = rec
         else:
             pending.append((name, sr, gt))
-    if records and rank == 0:
-        log.info(f"resuming: {len(records)} image(s) already scored with this configuration")
+            why[reason] += 1
+    if rank == 0 and (records or set(why) - {"new"}):
+        log.info(
+            f"score: {len(records)} image(s) already scored with this configuration reused, "
+            f"{len(pending)} to score ({describe_changes(why) or 'none'})"
+        )
     skipped: list[Skipped] = []
     if not pending:
         return records, skipped
@@ -365,7 +442,8 @@ def score_images(
                 new.append(
                     {
                         "name": entry["name"],
-                        "sr_signature": file_signature(entry["sr_path"]),
+                        "sr_sha256": _digest_or_none(digests, entry["sr_path"]),
+                        "gt_sha256": _digest_or_none(digests, entry["gt_path"]),
                         "scores": {k: float(v[i]) for k, v in scores.items()},
                         "features": encode_features(
                             {m: {r: t[i] for r, t in f.items()} for m, f in features.items()}
@@ -377,6 +455,28 @@ def score_images(
         bar.update(len(batch))
     bar.close()
     return records, skipped
+
+
+def _digest_or_none(digests: ContentDigests, path: str | os.PathLike | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return digests.digest(path)
+    except OSError:
+        return None
+
+
+def _stale_score_reason(
+    record: Mapping[str, Any], sr: Path, gt: Path | None, digests: ContentDigests
+) -> str | None:
+    """Why a stored score record no longer describes ``(sr, gt)``; ``None`` when it still does."""
+    if "sr_sha256" not in record:
+        return "recorded before content digests"
+    if record["sr_sha256"] != _digest_or_none(digests, sr):
+        return "restored image changed"
+    if record.get("gt_sha256") != _digest_or_none(digests, gt):
+        return "GT changed"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -511,9 +611,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_outputs(spec: EvalSpec, results: Mapping[str, Any]) -> dict[str, Path]:
@@ -576,6 +674,38 @@ def _prepare_embedded(spec: EvalSpec) -> None:
         prepare_samples(root, progress=spec.progress, overwrite=True)
 
 
+def _input_digests(
+    items: Sequence[BenchmarkItem], digests: ContentDigests
+) -> dict[str, tuple[str | None, str | None]]:
+    """``name -> (LR sha256, GT sha256)`` of this rank's share (``None`` for a file that cannot be read)."""
+    rank, size = world()
+    return {
+        it.name: (_digest_or_none(digests, it.lr), _digest_or_none(digests, it.gt))
+        for it in items[rank::size]
+    }
+
+
+def check_suite_not_empty(spec: EvalSpec, suite: Any) -> None:
+    """An evaluation that can compute no metric is an error, never an empty table with exit 0."""
+    if suite.names:
+        return
+    asked = [m if isinstance(m, str) else str(m.get("name")) for m in spec.benchmark.metrics]
+    reasons = []
+    if not spec.benchmark.has_reference:
+        reasons.append(
+            f"benchmark `{spec.benchmark.name}` has no GT (gt_dir is null), so full-reference metrics and FID "
+            "are left out: add no-reference ones, e.g. benchmark.metrics=[niqe,musiq,maniqa,clipiqa]"
+        )
+    if suite.missing:
+        reasons.append(
+            f"weights missing for {sorted(suite.missing)}: "
+            f"python -m restore.weights fetch --metric {' '.join(sorted(suite.missing))}"
+        )
+    raise BenchmarkError(
+        f"no metric of {asked or '[]'} can be computed: " + ("; ".join(reasons) or "the metric list is empty")
+    )
+
+
 def evaluate_benchmark(
     spec: EvalSpec, fabric: Any = None, module: torch.nn.Module | None = None
 ) -> dict[str, Any] | None:
@@ -594,11 +724,16 @@ def evaluate_benchmark(
             _prepare_embedded(spec)
     barrier()
     items, skipped = spec.benchmark.collect()
+    digests = ContentDigests(spec.run_dir, rank)
+    inputs = _input_digests(items, digests)
     if spec.outputs is not None:
         sr_paths = match_outputs(items, spec.outputs)
     else:
         prompts = spec.benchmark.prompt_table(items)  # every rank checks, so that all of them stop together
-        skipped += restore_images(spec, items, fabric, module=module, prompts=prompts)
+        try:
+            skipped += restore_images(spec, items, fabric, module=module, prompts=prompts, digests=digests)
+        finally:
+            digests.save()
         barrier()
         # an LR that could not be read on any rank has no restored file: leave it out on every rank
         sr_paths = {
@@ -617,21 +752,41 @@ def evaluate_benchmark(
         has_reference=spec.benchmark.has_reference,
         on_missing_weights=spec.on_missing_weights,
     )
+    check_suite_not_empty(spec, suite)
     fingerprint = stable_hash({"run_key": spec.run_key, "metrics": suite.describe()}, 16)
     store = ScoreStore(spec.run_dir / "scores", fingerprint, rank)
-    records, score_skipped = score_images(spec, pairs, suite, store, device)
+    try:
+        records, score_skipped = score_images(spec, pairs, suite, store, device, digests)
+    finally:
+        digests.save()
 
-    gathered = gather_objects((records, skipped + score_skipped))
+    gathered = gather_objects((records, skipped + score_skipped, inputs))
     if rank != 0:
         return None
     all_records: dict[str, dict[str, Any]] = {}
     all_skipped: dict[tuple[str, str], Skipped] = {}
-    for part_records, part_skipped in gathered:
+    all_inputs: dict[str, tuple[str | None, str | None]] = {}
+    for part_records, part_skipped, part_inputs in gathered:
         all_records.update(part_records)
         all_skipped.update({(s.name, s.path): s for s in part_skipped})
+        all_inputs.update(part_inputs)
+    if not all_records:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in list(all_skipped.values())[:5])
+        raise BenchmarkError(
+            f"benchmark `{spec.benchmark.name}`: no image could be scored"
+            + (f" ({len(all_skipped)} skipped: {reasons})" if reasons else "")
+            + "; nothing was written. Fix the inputs named above and rerun the same command"
+        )
     results = build_results(
         spec, items, sr_paths, all_records, list(all_skipped.values()), suite, fingerprint
     )
+    results["dataset"] = {
+        "id": dataset_identity(
+            [(name, lr, gt) for name, (lr, gt) in all_inputs.items()], spec.benchmark.scale
+        ),
+        "lr_dir": str(spec.benchmark.lr_dir.resolve()),
+        "gt_dir": None if spec.benchmark.gt_dir is None else str(spec.benchmark.gt_dir.resolve()),
+    }
     written = write_outputs(spec, results)
     log.info("wrote " + ", ".join(str(p) for p in written.values()))
     return results

@@ -6,8 +6,13 @@ fingerprint of everything that defines its scores (benchmark, method, weights, m
 signature (size, mtime) of the restored file it scored, the per-image scores and the set-level features
 (FID's Inception features, base64 float32), so the set-level metrics of a resumed run cover every image.
 
-On resume, a record is reused only if its fingerprint and file signature match: a changed config or a
-re-restored image is scored again, never answered from stale lines. A line cut short by a kill is ignored.
+On resume, a record is reused only if its fingerprint matches and the runner finds the content digests it
+carries (restored image, GT) unchanged: a changed config, a re-restored image or a GT rewritten in place is scored
+again, never answered from stale lines. A line cut short by a kill is ignored, and the next append starts on a
+fresh line (appending to the torn line would make the next record unreadable too).
+
+The same store keeps the provenance of restored images (``stem="restored"``): which LR digest and device each
+``images/<benchmark>/<name>.png`` was made from.
 """
 
 from __future__ import annotations
@@ -55,16 +60,20 @@ def decode_features(encoded: Mapping[str, Mapping[str, str]]) -> dict[str, dict[
 class ScoreStore:
     """Append-only JSONL of per-image records for one run directory."""
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str, rank: int = 0) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, fingerprint: str, rank: int = 0, stem: str = "scores"
+    ) -> None:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
-        self.path = self.directory / f"scores.rank{rank}.jsonl"
+        self.stem = stem
+        self.path = self.directory / f"{stem}.rank{rank}.jsonl"
+        self._tail_checked = False
 
     def load(self) -> dict[str, dict[str, Any]]:
         """Records of this fingerprint from every rank's file (the world size may have changed since)."""
         records: dict[str, dict[str, Any]] = {}
         stale = broken = 0
-        for path in sorted(self.directory.glob("scores.rank*.jsonl")):
+        for path in sorted(self.directory.glob(f"{self.stem}.rank*.jsonl")):
             with open(path, encoding="utf-8") as fh:
                 for line in fh:
                     try:
@@ -78,11 +87,11 @@ class ScoreStore:
                     records[record["name"]] = record
         if stale:
             log.warning(
-                f"{stale} score record(s) in '{self.directory}' come from another configuration "
+                f"{stale} {self.stem} record(s) in '{self.directory}' come from another configuration "
                 "(fingerprint differs): ignored, those images are scored again"
             )
         if broken:
-            log.info(f"ignored {broken} incomplete score line(s) (a run was interrupted while writing)")
+            log.info(f"ignored {broken} incomplete {self.stem} line(s) (a run was interrupted while writing)")
         return records
 
     def append(self, records: Iterable[Mapping[str, Any]]) -> None:
@@ -90,7 +99,20 @@ class ScoreStore:
         if not lines:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not self._tail_checked:
+            self._drop_torn_tail()
+            self._tail_checked = True
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.writelines(lines)
             fh.flush()
             os.fsync(fh.fileno())
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line left without its newline by a kill, so the next record starts a line of its own."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as fh:
+            data = fh.read()
+            if not data or data.endswith(b"\n"):
+                return
+            fh.truncate(data.rfind(b"\n") + 1)

@@ -14,13 +14,21 @@ layout (:mod:`restore.evaluation.ablation`: runs as rows, metrics as columns) is
 from __future__ import annotations
 
 import html
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from restore.evaluation.results import dedupe_results, finite, load_results, result_source, validate_all
+from restore.evaluation.results import (
+    check_same_datasets,
+    dedupe_results,
+    finite,
+    load_results,
+    result_source,
+    validate_all,
+)
 
 __all__ = [
     "BENCHMARK_NAMES",
@@ -93,6 +101,8 @@ BENCHMARK_NAMES: dict[str, str] = {
 }
 
 MISSING = "–"
+#: a metric that was computed but has no finite mean (every image scored NaN)
+NOT_FINITE = "NaN"
 DAGGER = "†"
 #: Marks a method column with a note (e.g. a tiny random prior), explained under the table.
 DOUBLE_DAGGER = "‡"
@@ -215,17 +225,43 @@ def metric_order(specs: Mapping[str, Any], metrics: Sequence[str] | None) -> lis
 
 
 def score_cell(value: Any, decimals: int) -> Cell:
-    """A mean as displayed: rounded to ``decimals``, ranked by the rounded value; missing/NaN is "–"."""
+    """A mean as displayed: rounded to ``decimals``, ranked by the rounded value; missing is "–", a metric that
+    was computed but has no finite value is "NaN" (explained by a footnote, :func:`coverage_notes`)."""
     raw = finite(value)
     if raw is None:
-        return Cell(MISSING, None)
+        return Cell(NOT_FINITE if _is_nan(value) else MISSING, None)
     text = f"{raw:.{decimals}f}"
     return Cell(text, float(text))
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def nonfinite_notes(label: str, runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One footnote per (run, metric) with NaN/inf per-image scores: how many, and what the mean covers."""
+    notes = []
+    for run, r in runs.items():
+        scores = [entry.get("scores") or {} for entry in r["per_image"]]
+        for metric in r["metrics"]:
+            values = [s[metric] for s in scores if metric in s]
+            bad = sum(1 for v in values if v is None or _is_nan(float(v)))
+            if not bad:
+                continue
+            name = metric_display_name(metric)
+            covered = (
+                "no value (NaN)" if bad == len(values) else f"the mean is over the other {len(values) - bad}"
+            )
+            notes.append(
+                f"{label}, {name}: {run} scored NaN on {bad} of {len(values)} image(s) (per-image scores in its "
+                f"results.csv; e.g. an image smaller than the metric needs): {covered}."
+            )
+    return notes
+
+
 def coverage_notes(label: str, runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Footnotes for one benchmark's runs (name -> result, in column/row order): different image counts,
-    images left unscored, different scales."""
+    images left unscored, different scales, NaN per-image scores."""
     counts = {m: int(r["num_scored"]) for m, r in runs.items()}
     scales = {m: int(r["scale"]) for m, r in runs.items()}
     notes = []
@@ -244,7 +280,7 @@ def coverage_notes(label: str, runs: Mapping[str, Mapping[str, Any]]) -> list[st
     if len(set(scales.values())) > 1:
         detail = ", ".join(f"{m}: ×{s}" for m, s in scales.items())
         notes.append(f"{label}: the methods ran at different scales ({detail}).")
-    return notes
+    return notes + nonfinite_notes(label, runs)
 
 
 def protocol_notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -290,6 +326,7 @@ def build_table(
     if not results:
         raise ValueError("no results to tabulate")
     results = dedupe_results(validate_all(results), on_duplicate)
+    check_same_datasets(results)
     methods = _order_methods(results, last)
     specs = metric_specs(results)
     order = metric_order(specs, metrics)
@@ -306,8 +343,10 @@ def build_table(
                 score_cell(per_method[m]["aggregate"].get(metric) if m in per_method else None, p)
                 for m in methods
             ]
-            if all(c.value is None for c in cells):
-                continue
+            if all(c.value is None for c in cells) and not any(
+                metric in r["metrics"] for r in per_method.values()
+            ):
+                continue  # not computed on this benchmark (e.g. PSNR without GT); computed-but-NaN stays
             lower = bool(specs[metric]["lower_better"])
             mark_cells(cells, lower)
             rows.append(Row(metric, metric_display_name(metric), lower, cells))

@@ -8,8 +8,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = [
     "CheckpointMismatchError",
@@ -40,7 +41,8 @@ def load_method_weights(module: nn.Module, ckpt_path: str | os.PathLike | None, 
         path = Path(ckpt_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        fix = "pass ckpt_path=<run dir>/checkpoints/last.ckpt of a train.py run, or method.pretrained=<file>"
+        ckpt = load_checkpoint_file(path, written_by="train.py (a Lightning checkpoint)", fix=fix)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise MethodWeightsError(
                 f"ckpt_path={ckpt_path} is not a train.py (Lightning) checkpoint; for released network weights "
@@ -65,7 +67,11 @@ def read_diffusers_weights(folder: Path, method: str = "") -> dict[str, Tensor]:
         return load_file(str(safetensors))
     bin_file = folder / "diffusion_pytorch_model.bin"
     if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
+        return load_checkpoint_file(
+            bin_file,
+            written_by=f"diffusers' save_pretrained (an official {method} release)",
+            fix=f"download the official {method} folder again",
+        )
     raise FileNotFoundError(
         f"no diffusion_pytorch_model.safetensors (or .bin) in {folder}: an official {method} folder holds "
         "unet/ and controlnet/ subfolders written by diffusers' save_pretrained"

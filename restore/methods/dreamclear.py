@@ -33,6 +33,7 @@ from restore.methods.latent_diffusion import LatentDiffusionSR, build
 from restore.models.dreamclear import DreamClearControlFormer, official_to_ours
 from restore.models.priors import LatentPrior, TextCondition
 from restore.sampling.sampler import SamplingInputs, SamplingSettings, resize_bicubic
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = ["CAPTION_RECORD", "DreamClear", "dreamclear_output_size", "load_official_dreamclear"]
 
@@ -199,7 +200,12 @@ def load_official_dreamclear(module: DreamClear, path: str | os.PathLike) -> Non
     to map onto the prior's DiT key for key and left to the prior's own weights."""
     from restore.methods.checkpoints import CheckpointMismatchError
 
-    ckpt = torch.load(os.fspath(path), map_location="cpu", mmap=True, weights_only=True)
+    ckpt = load_checkpoint_file(
+        path,
+        written_by="DreamClear (DreamClear-1024.pth)",
+        fix="pass the released file (method.pretrained)",
+        mmap=True,
+    )
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else ckpt
     trained, base = official_to_ours(state)
     expected = module.controlformer.state_dict()

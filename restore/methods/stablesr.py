@@ -48,6 +48,7 @@ from restore.models.stablesr import (
 )
 from restore.sampling.sampler import SamplingInputs, SamplingSettings
 from restore.sampling.tiling import side_exceeds_tile, tiled_apply
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = ["StableSR", "load_official_stablesr", "stablesr_input_size", "upsample_bicubic"]
 
@@ -303,7 +304,14 @@ def load_official_stablesr(module: StableSR, path: str | os.PathLike) -> None:
     if not os.path.isfile(path):
         raise missing_weight_file(path, "method.pretrained")
     _check_variant(module, os.path.basename(path))
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    # the official Lightning checkpoint pickles more than tensors (hyper-parameters): weights_only=False
+    ckpt = load_checkpoint_file(
+        path,
+        written_by="StableSR (stablesr_000117.ckpt, a Lightning checkpoint of the official code)",
+        fix="pass the released stage-1 file (method.pretrained)",
+        weights_only=False,
+        mmap=True,
+    )
     try:
         encoder_state, sft_state = split_stablesr_checkpoint(ckpt, module.encoder, module.prior.unet)
     except StableSRCheckpointError as err:

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from restore.atomic_write import atomic_path
 from restore.data.cfw_pairs import CFW_FOLDERS
+from restore.data.folder_overlap import check_folders_disjoint
 from restore.data.image_io import list_images, read_image, to_tensor, write_image
 from restore.methods.checkpoints import CheckpointMismatchError
 from restore.methods.latent_diffusion import build
@@ -40,6 +42,7 @@ from restore.models.cfw import INFERENCE_FUSION_WEIGHT, TRAIN_FUSION_WEIGHT, CFW
 from restore.models.patch_discriminator import PatchDiscriminator, hinge_discriminator_loss
 from restore.models.priors import LatentPrior
 from restore.sampling.sampler import decode_latents
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = ["StableSRCFW", "make_cfw_pairs", "trained_cfw_autoencoder"]
 
@@ -215,7 +218,11 @@ def trained_cfw_autoencoder(
     path = Path(checkpoint)
     if not path.is_file():
         raise missing_weight_file(path, "method.decoder.checkpoint")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(
+        path,
+        written_by="train.py experiment=stablesr_cfw (a Lightning checkpoint)",
+        fix="give that run's checkpoints/last.ckpt (method.decoder.checkpoint)",
+    )
     state = checkpoint.get("state_dict", checkpoint)
     hparams = checkpoint.get("hyper_parameters", {})
     fusion = {k[len("cfw.") :]: v for k, v in state.items() if k.startswith("cfw.fusion_layer_")}
@@ -263,6 +270,7 @@ def make_cfw_pairs(
     pairs, out = Path(pairs), Path(out)
     gt_paths = list_images(pairs / "gt")
     lq_dir = pairs / lq_folder
+    check_folders_disjoint([pairs / "gt", lq_dir], [out / folder for folder in CFW_FOLDERS], "pairs", "out")
     if not gt_paths:
         raise FileNotFoundError(f"no GT images in '{pairs / 'gt'}'")
     if limit is not None:
@@ -311,7 +319,5 @@ def _find_lq(folder: Path, stem: str) -> Path:
 
 
 def _save_npy_atomically(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".npy.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array.astype(np.float32))
-    os.replace(tmp, path)

@@ -57,6 +57,7 @@ from restore.sampling.sampler import (
     resize_bicubic,
 )
 from restore.sampling.tiled_vae import TiledAutoencoderKL
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = [
     "CAPTION_RECORD",
@@ -441,7 +442,11 @@ class _VAEMoments(nn.Module):
 
 def load_encoder_checkpoint(module: SUPIR, path: str | os.PathLike) -> None:
     """E_dr from a checkpoint of this method (a stage-``encoder`` run's ``last.ckpt``), strict."""
-    ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(
+        path,
+        written_by="train.py experiment=supir_encoder (a Lightning checkpoint)",
+        fix="give that run's checkpoints/last.ckpt",
+    )
     state = ckpt.get("state_dict", ckpt)
     prefix = "trainable.denoise_encoder."
     encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -467,7 +472,13 @@ def load_official_supir(module: SUPIR, path: str | os.PathLike) -> None:
             "(method.pretrained)"
         )
     # a Lightning checkpoint of the sgm code: pickled beyond tensors, so weights_only=False (trusted file)
-    ckpt = torch.load(os.fspath(path), map_location="cpu", mmap=True, weights_only=False)
+    ckpt = load_checkpoint_file(
+        path,
+        written_by="SUPIR (SUPIR-v0Q.ckpt / SUPIR-v0F.ckpt)",
+        fix="download the release again (method.pretrained)",
+        weights_only=False,
+        mmap=True,
+    )
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else ckpt
     vae = module.prior.vae
     if module.stage == "encoder":

@@ -65,8 +65,9 @@ _NOTES = {
 }
 
 
-#: Smallest image side (after cropping) a pyiqa metric can score: NIQE works on 96x96 blocks.
-_MIN_SIDE = {"niqe": 96, "niqe_matlab": 96}
+#: Smallest image side (after cropping) a pyiqa metric can score: NIQE works on 96x96 blocks, SSIM slides an
+#: 11x11 Gaussian window (pyiqa/archs/ssim_arch.py, no padding).
+_MIN_SIDE = {"niqe": 96, "niqe_matlab": 96, "ssim": 11, "ssimc": 11, "cw_ssim": 11}
 
 
 @dataclass(frozen=True)
@@ -339,13 +340,20 @@ class MetricSuite:
         out = {}
         for name in self.per_image:
             spec, metric = self.specs[name], self._metrics[name]
-            x = self._crop(spec, sr)
-            min_side = _MIN_SIDE.get(spec.pyiqa, 1)
-            if min(x.shape[-2:]) < min_side:
-                # pyiqa fails on these; one odd image should not abort a whole benchmark (NaN is reported)
-                log.warning("%s: %s image smaller than %d px: NaN", name, tuple(x.shape[-2:]), min_side)
+            min_side = _MIN_SIDE.get(spec.pyiqa, 1) + 2 * self._crop_for(spec)
+            if min(sr.shape[-2:]) < min_side:
+                # pyiqa fails on these; one odd image must not abort a whole benchmark: NaN, which the results
+                # count and the tables footnote (restore.evaluation.table.nonfinite_notes)
+                log.warning(
+                    "%s: a %s image is smaller than the %d px it needs (crop_border %d included): NaN",
+                    name,
+                    tuple(sr.shape[-2:]),
+                    min_side,
+                    self._crop_for(spec),
+                )
                 out[name] = torch.full((sr.shape[0],), float("nan"), dtype=torch.float64)
                 continue
+            x = self._crop(spec, sr)
             value = metric(x, self._crop(spec, gt)) if self.kind[name] == "fr" else metric(x)
             value = value.detach().reshape(-1).to("cpu", torch.float64)
             if value.numel() != sr.shape[0]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from restore.weights.checkpoint_file import load_checkpoint_file
+
 __all__ = ["load_basicsr_state_dict"]
 
 
@@ -27,7 +29,9 @@ def load_basicsr_state_dict(
         raise FileNotFoundError(
             f"weights file '{path}' does not exist (download it into `paths.weights_dir`)"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(
+        path, written_by="BasicSR (a Real-ESRGAN / ESRGAN release)", fix="download the release again"
+    )
     if not isinstance(ckpt, dict):
         raise ValueError(f"'{path}' holds a {type(ckpt).__name__}, not a state dict")
     wrappers = [k for k in ("params_ema", "params") if isinstance(ckpt.get(k), dict)]

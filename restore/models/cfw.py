@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from restore.models.priors.sd import SD_SCALING_FACTOR, sd_vae_config  # the priors' SD VAE
 from restore.models.rrdbnet import RRDB
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = [
     "FUSION_LEVELS",
@@ -502,7 +503,13 @@ def load_cfw_checkpoint(
     if isinstance(path_or_state, (str, os.PathLike)):
         # Lightning pickles more than tensors (hyper-parameters, callback states), hence weights_only=False as
         # restore.methods.stablesr does for the stage-1 checkpoint; mmap reads tensors lazily.
-        checkpoint = torch.load(path_or_state, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = load_checkpoint_file(
+            path_or_state,
+            written_by="StableSR (vqgan_cfw_00011.ckpt)",
+            fix="download the CFW release again",
+            weights_only=False,
+            mmap=True,
+        )
     else:
         checkpoint = path_or_state
     state = _unwrap(checkpoint)

@@ -45,6 +45,7 @@ from restore.models.ram.ram import (
     MissingModelFileError,
     build_ram,
 )
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = [
     "DAPE_FILE",
@@ -286,7 +287,11 @@ def read_dape_state(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]
         path = Path(source).expanduser()
         if not path.is_file():
             raise _missing_dape(path)
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_checkpoint_file(
+            path,
+            written_by="SeeSR (DAPE.pth) or a stage-1 train.py run",
+            fix="download DAPE.pth again or give the run's checkpoints/last.ckpt",
+        )
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):  # Lightning checkpoint
         data = data["state_dict"]
     return {_strip_to_root(k): v for k, v in data.items() if isinstance(v, Tensor)}

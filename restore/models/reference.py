@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from restore.sampling.sampler import resize_bicubic
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = ["BicubicReference", "ReferenceWeightsError", "SpandrelRestorer", "tiny_reference"]
 
@@ -80,7 +81,11 @@ class SpandrelRestorer(nn.Module):
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_checkpoint_file(
+                path,
+                written_by="a restorer release (a .pth state dict spandrel reads)",
+                fix="download the release again or pass another file",
+            )
         try:
             restorer = cls.from_state_dict(state, scale)
         except ReferenceWeightsError as err:

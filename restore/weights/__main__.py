@@ -1,8 +1,9 @@
 """Command line for the weights manifest: ``python -m restore.weights {list,fetch,path}``.
 
     list                         table of every file: name, size, used_by, present/missing, path
-    fetch NAME... | --metric M... | --all [--from-basicsr] [--force]
-                                 download into the cache the loader reads (verified, atomic)
+    fetch NAME... | --metric M... | --all [--from-basicsr] [--force] [--repin]
+                                 download into the cache the loader reads (verified against the manifest's
+                                 sha256 or the one pinned in the folder's weights.lock.json, atomic)
     path NAME                    print the path the loader reads NAME from
 
 Caches follow TORCH_HOME (torch.hub.get_dir()), HF_HOME and RESTORE_WEIGHTS_DIR (method weights), so fetching on a machine with internet and
@@ -68,7 +69,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     for wf in selected:
         try:
             result = fetch(
-                wf, force=args.force, from_basicsr=args.from_basicsr and wf.offline_source == "basicsr"
+                wf,
+                force=args.force,
+                from_basicsr=args.from_basicsr and wf.offline_source == "basicsr",
+                repin=args.repin,
             )
         except (OSError, WeightsVerificationError, ValueError) as err:
             print(f"FAILED   {wf.name}: {err}", file=sys.stderr)
@@ -94,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="build niqe_modelparameters.mat from basicsr's bundled npz instead of downloading",
     )
     p_fetch.add_argument("--force", action="store_true", help="replace files that fail sha256 verification")
+    p_fetch.add_argument(
+        "--repin",
+        action="store_true",
+        help="forget the sha256 pinned at the first fetch (weights.lock.json) and pin the file fetched now",
+    )
     p_path = sub.add_parser("path", help="where the loader reads NAME from")
     p_path.add_argument("name")
     args = parser.parse_args(argv)

@@ -1,9 +1,11 @@
 """Download manifest files into the caches their loaders read, verified and atomically, or derive them offline.
 
-Downloads go to a temporary file in the destination directory (``torch.hub.download_url_to_file``), are
-checked against the manifest's sha256 or file-name hash prefix, and are renamed into place only when they
-pass. A file already present is never replaced unless it fails verification and ``force`` is given; files
-without a known hash are never replaced (delete them by hand).
+Downloads go to a temporary file in the destination directory (``torch.hub.download_url_to_file`` through
+:mod:`restore.atomic_write`), are checked against the manifest's sha256 or file-name hash prefix, and are renamed
+into place only when they pass. Every installed file's full sha256 is pinned in the folder's ``weights.lock.json``
+(:mod:`restore.weights.lock`); where the manifest publishes no full hash, the pin is what later fetches and loads
+check against (trust on first use; ``repin`` forgets a pin). A file already present is never replaced unless it
+fails verification and ``force`` is given; files without any known hash are never replaced (delete them by hand).
 
 ``niqe_modelparameters.mat`` has an offline source: basicsr ships the same NIQE pristine model as
 ``basicsr/metrics/niqe_pris_params.npz`` (rebuilt into the .mat it reproduces pyiqa's recorded NIQE values:
@@ -16,19 +18,26 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
-from restore.weights.manifest import WeightFile, cache_dir, sha256_file
+from restore.atomic_write import atomic_path
+from restore.weights.lock import WeightsVerificationError, lock_path, pin, sha256_file, unpin
+from restore.weights.manifest import WeightFile, cache_dir
+
+__all__ = [
+    "FetchResult",
+    "WeightsVerificationError",
+    "basicsr_niqe_npz",
+    "derive_niqe_params",
+    "derive_niqe_params_from_basicsr",
+    "fetch",
+    "read_provenance",
+]
 
 #: The key under which a derived .mat records where its numbers came from (pyiqa ignores it).
 PROVENANCE_KEY = "restore_source"
-
-
-class WeightsVerificationError(ValueError):
-    """A downloaded file does not match the manifest's hash."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +81,8 @@ def derive_niqe_params(dest: Path, npz_path: Path | None = None) -> str:
     source = f"{_basicsr_version()} basicsr/metrics/niqe_pris_params.npz sha256={sha256_file(npz_path)}"
     with np.load(npz_path) as npz:
         arrays = {"mu_prisparam": npz["mu_pris_param"], "cov_prisparam": npz["cov_pris_param"]}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    try:
+    with atomic_path(dest) as tmp:
         scipy.io.savemat(tmp, {**arrays, PROVENANCE_KEY: source}, appendmat=False)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return source
 
 
@@ -94,34 +98,63 @@ def read_provenance(mat_path: Path) -> str | None:
     return str(value.ravel()[0]).strip()
 
 
-def _download_verified(wf: WeightFile, dest: Path, progress: bool) -> None:
+def _mismatch(wf: WeightFile, what: str, digest: str) -> str:
+    expected, source = wf.expected_sha256()
+    if expected is None:
+        expected, source = f"{wf.sha256_prefix}...", "the hash prefix in its file name"
+    message = f"{wf.name}: sha256 {digest} of {what} does not match {expected}, {source}"
+    if wf.sha256 is None and wf.pinned_sha256() is not None:
+        message += (
+            f"; if the file changed upstream on purpose, run `python -m restore.weights fetch {wf.name} --repin` "
+            "to pin the new hash"
+        )
+    return message
+
+
+def _download_verified(wf: WeightFile, dest: Path, progress: bool) -> str:
+    """Download ``wf`` to ``dest`` when it matches its known hash; returns its sha256."""
     from torch.hub import download_url_to_file
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    try:
+    with atomic_path(dest) as tmp:
         download_url_to_file(wf.fetch_url(), str(tmp), hash_prefix=None, progress=progress)
-        if wf.verify(tmp) is False:
-            expected = wf.sha256 or f"{wf.sha256_prefix}..."
-            raise WeightsVerificationError(
-                f"{wf.name}: sha256 {sha256_file(tmp)} of the download does not match {expected}; not installed"
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        digest = sha256_file(tmp)
+        if wf.matches(digest) is False:
+            raise WeightsVerificationError(_mismatch(wf, "the download", digest) + "; not installed")
+    return digest
+
+
+def _pin_note(wf: WeightFile, dest: Path, digest: str) -> str:
+    """Pin ``digest`` for the installed ``dest`` unless pinned already; the note for the report."""
+    if wf.pinned_sha256() == digest:
+        return ""
+    pin(dest, digest, wf.fetch_url())
+    return f"; sha256 {digest[:12]}... pinned in {lock_path(dest)}"
 
 
 def fetch(
-    wf: WeightFile, *, force: bool = False, from_basicsr: bool = False, progress: bool = True
+    wf: WeightFile,
+    *,
+    force: bool = False,
+    from_basicsr: bool = False,
+    progress: bool = True,
+    repin: bool = False,
 ) -> FetchResult:
-    """Make ``wf`` present at its destination; see the module docstring for the rules."""
+    """Make ``wf`` present at its destination; see the module docstring for the rules.
+
+    ``repin`` forgets the hash pinned at an earlier fetch first (for a file that changed upstream on purpose).
+    """
     if wf.destination == "hf":
         return _fetch_hf(wf)
     dest = cache_dir(wf.destination) / wf.name
+    if repin:
+        unpin(dest)
     if dest.exists():
-        verdict = wf.verify(dest)
+        digest = sha256_file(dest)
+        verdict = wf.matches(digest)
         if verdict is not False:
             note = "sha256 ok" if verdict else "no hash to check"
+            if not wf.is_random():  # a random_init stand-in is never pinned as the real file
+                note += _pin_note(wf, dest, digest)
             return FetchResult(wf.name, dest, "present", "existing file", f"already present ({note}); kept")
         if not force:
             return FetchResult(
@@ -129,20 +162,21 @@ def fetch(
                 dest,
                 "invalid",
                 "existing file",
-                "present but fails sha256 verification; rerun with --force to replace it",
+                f"{_mismatch(wf, 'the file present', digest)}; rerun with --force to replace it",
             )
     if from_basicsr:
         if wf.offline_source != "basicsr":
             raise ValueError(f"{wf.name} has no basicsr source (only niqe_modelparameters.mat does)")
         return FetchResult(wf.name, dest, "derived", derive_niqe_params(dest))
     try:
-        _download_verified(wf, dest, progress)
+        digest = _download_verified(wf, dest, progress)
     except (urllib.error.URLError, OSError) as err:
         if wf.offline_source == "basicsr" and basicsr_niqe_npz() is not None:
             source = derive_niqe_params(dest)
             return FetchResult(wf.name, dest, "derived", source, f"download failed ({err}); derived instead")
         raise
-    return FetchResult(wf.name, dest, "downloaded", wf.fetch_url(), "sha256 ok" if wf.verify(dest) else "")
+    note = ("sha256 ok" if wf.matches(digest) else "no published hash") + _pin_note(wf, dest, digest)
+    return FetchResult(wf.name, dest, "downloaded", wf.fetch_url(), note)
 
 
 def _fetch_hf(wf: WeightFile) -> FetchResult:

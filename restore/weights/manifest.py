@@ -15,7 +15,6 @@ run unchanged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from restore.weights.lock import check_pinned, lock_path, pinned_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,34 @@ class WeightFile:
             return endpoint + self.url[len(default) :]
         return self.url
 
-    def verify(self, path: str | Path | None = None) -> bool | None:
-        """sha256 check of ``path`` (default: the installed file): True/False, None when no hash is known."""
-        if self.sha256 is None and self.sha256_prefix is None:
-            return None
-        digest = sha256_file(Path(path) if path is not None else self.path)
+    def pinned_sha256(self) -> str | None:
+        """The sha256 pinned in the lock file when the file was first fetched (restore.weights.lock), or None."""
+        return None if self.destination == "hf" else pinned_sha256(self.path)
+
+    def expected_sha256(self) -> tuple[str | None, str]:
+        """(full sha256 the file must have, where it comes from): the manifest's, else the pinned one."""
         if self.sha256 is not None:
-            return digest == self.sha256.lower()
-        return digest.startswith(self.sha256_prefix.lower())
+            return self.sha256.lower(), "the manifest's sha256"
+        pinned = self.pinned_sha256()
+        if pinned is not None:
+            return pinned, f"the sha256 pinned in '{lock_path(self.path)}' at its first fetch"
+        return None, ""
+
+    def matches(self, digest: str) -> bool | None:
+        """Whether ``digest`` is this file's: True/False, None when neither a hash nor a pin is known."""
+        expected, _ = self.expected_sha256()
+        if expected is None and self.sha256_prefix is None:
+            return None
+        if expected is not None and digest != expected:
+            return False
+        return self.sha256_prefix is None or digest.startswith(self.sha256_prefix.lower())
+
+    def verify(self, path: str | Path | None = None) -> bool | None:
+        """sha256 check of ``path`` (default: the installed file) against the manifest's hash or the pinned one:
+        True/False, None when no hash is known."""
+        if self.sha256 is None and self.sha256_prefix is None and self.pinned_sha256() is None:
+            return None
+        return self.matches(sha256_file(Path(path) if path is not None else self.path))
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -220,14 +241,6 @@ def random_marker(path: Path) -> Path:
     return path.with_name(path.name + RANDOM_MARKER_SUFFIX)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def pyiqa_cache_synced() -> Iterator[Path]:
     """Point pyiqa's import-time cache constant at ``torch.hub.get_dir()/pyiqa`` while the block runs.
@@ -342,7 +355,8 @@ def files_for_metric(pyiqa_name: str, options: Mapping[str, Any] | None = None) 
 
 
 def check_metric_weights(pyiqa_name: str, options: Mapping[str, Any] | None = None) -> None:
-    """Raise :class:`MissingWeightsError` listing every file ``pyiqa_name`` needs that is not present.
+    """Raise :class:`MissingWeightsError` listing every file ``pyiqa_name`` needs that is not present, and
+    :class:`~restore.weights.lock.WeightsVerificationError` when a present one no longer matches its pin.
 
     Metrics needing no file pass silently; names the manifest does not know are left to pyiqa.
     """
@@ -351,9 +365,13 @@ def check_metric_weights(pyiqa_name: str, options: Mapping[str, Any] | None = No
     if pyiqa_name not in manifest_metrics():
         log.debug("metric %r is not in the weights manifest: no weight check, pyiqa handles it", pyiqa_name)
         return
-    missing = [wf for wf in files_for_metric(pyiqa_name, options) if not wf.exists()]
+    files = files_for_metric(pyiqa_name, options)
+    missing = [wf for wf in files if not wf.exists()]
     if missing:
         raise MissingWeightsError(pyiqa_name, missing)
+    for wf in files:  # pyiqa loads them itself: compare with their pins first (cheap unless the file changed)
+        if wf.destination != "hf":
+            check_pinned(wf.path)
 
 
 #: Metrics whose constructor loads a user ``pretrained_model_path`` exactly as it loads the default file

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from restore.atomic_write import atomic_path
 from restore.weights.manifest import (
     WeightFile,
     files_for_metric,
@@ -175,10 +176,8 @@ def materialize_random_weights(
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(wf.name.encode()))
         state = GENERATORS[wf.name](gen)
         dest = wf.path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            torch.save(state, tmp)
         random_marker(dest).write_text(
             json.dumps({"random_init": True, "seed": seed, "file": wf.name}) + "\n"
         )

@@ -40,6 +40,7 @@ from restore.models.priors.base import LatentPrior
 from restore.models.priors.loading import freeze
 from restore.models.priors.sd import sd_vae_config, tiny_vae
 from restore.models.priors.text import TextCondition
+from restore.weights.checkpoint_file import load_checkpoint_file
 
 __all__ = [
     "PIXART_TEXT_LENGTH",
@@ -163,7 +164,12 @@ def read_null_caption(path: str | os.PathLike) -> Tensor | None:
         with safe_open(str(path), framework="pt") as fh:
             key = next((k for k in fh.keys() if k.endswith("y_embedding")), None)  # noqa: SIM118
             return None if key is None else fh.get_tensor(key).float()
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    state = load_checkpoint_file(
+        path,
+        written_by="PixArt-alpha or DreamClear (a .pth state dict)",
+        fix="pass the right file",
+        mmap=True,
+    )
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     key = next((k for k in state if str(k).endswith("y_embedding")), None)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from restore.atomic_write import atomic_path
+
 __all__ = [
     "FEATURES_FORMAT",
     "MissingTextFeaturesError",
@@ -199,10 +201,9 @@ class TextFeatureStore:
             )
         path = self.path(prompt)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         tensors = {k: v.detach().cpu().contiguous() for k, v in condition.tensors().items()}
-        save_file(tensors, str(tmp), metadata={"prompt": prompt[:2000]})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"prompt": prompt[:2000]})
         return path
 
 

@@ -25,7 +25,6 @@ class-dependent logits.
 from __future__ import annotations
 
 import logging
-import pickle
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from restore.models.ram.swin import SwinTransformer, resize_relative_position_tables
 from restore.models.ram.tagging_head import TaggingHead
+from restore.weights.checkpoint_file import load_checkpoint_file
 from restore.weights.manifest import MissingWeightsError, WeightFile
 from restore.weights.manifest import get as manifest_entry
 
@@ -343,16 +343,12 @@ def _read_state(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Tensor]
         data: Any = checkpoint
     else:
         path = resolve_model_file(checkpoint, "RAM")
-        try:
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-                data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path} holds Python objects besides tensors; if you trust it, load it with "
-                "torch.load(..., weights_only=False) yourself and pass the state dict"
-            ) from err
+        data = load_checkpoint_file(
+            path,
+            written_by="RAM (ram_swin_large_14m.pth) or SeeSR (DAPE.pth)",
+            fix="download the release again, or pass its state dict",
+            mmap=True,
+        )
     for wrapper in ("model", "params", "state_dict"):  # official: checkpoint['model']
         if isinstance(data, Mapping) and wrapper in data and isinstance(data[wrapper], Mapping):
             data = data[wrapper]
