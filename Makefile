@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install browser test test-fast demo tour stablesr-tiny supir-tiny lint format bench-degradation bench-eval clean-venv
+.PHONY: install browser slurm test test-fast demo tour stablesr-tiny supir-tiny lint format bench-degradation bench-eval clean-venv
 
 install: $(STAMP)
 
@@ -27,9 +27,22 @@ browser:
 	    echo "chromium could not be installed: the browser test will be skipped"; \
 	  else echo "no chromium and no root apt-get: the browser test will be skipped"; fi; }
 
+# A single-node SLURM for tests/test_slurm.py (it writes its own config and starts munged, slurmctld and slurmd
+# in a temporary folder; it skips cleanly without them): Debian's slurm-wlm and munge, installed with apt-get where
+# that works (root, Debian/Ubuntu); anywhere else this says so and moves on.
+slurm:
+	@command -v sbatch >/dev/null 2>&1 && { command -v slurmctld || test -x /usr/sbin/slurmctld; } >/dev/null 2>&1 && \
+	  { command -v munged || test -x /usr/sbin/munged; } >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing slurm-wlm and munge with apt-get (for the SLURM tests)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1; } || \
+	    echo "slurm-wlm could not be installed: the SLURM tests will be skipped"; \
+	  else echo "no SLURM and no root apt-get: the SLURM tests will be skipped"; fi; }
+
 # Two xdist workers of one torch thread each: the 2-core CI machine's cores, ~11 min (14 min serially).
 TEST_WORKERS ?= 2
-test: install browser
+test: install browser slurm
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Iterating: skip the tests marked slow (CI and `make test` run everything).

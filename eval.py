@@ -6,6 +6,7 @@ Writes results.json/csv, table.md and report.html into the run directory.
 import hydra
 from omegaconf import DictConfig
 
+from restore.cluster import prepare_job_environment
 from restore.evaluation.fingerprint import register_resolvers
 
 register_resolvers()  # ${eval_run_name:} names the run directory; needed before Hydra composes the config
@@ -13,6 +14,7 @@ register_resolvers()  # ${eval_run_name:} names the run directory; needed before
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    prepare_job_environment(cfg)  # SLURM compute nodes: offline, caches under paths.weights_dir
     from restore.run import evaluate  # imported here so that `--help` and config errors answer fast
 
     evaluate(cfg)

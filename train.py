@@ -7,9 +7,12 @@ Thin on purpose: everything happens in :func:`restore.run.train`. Returns the sw
 import hydra
 from omegaconf import DictConfig
 
+from restore.cluster import prepare_job_environment
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    prepare_job_environment(cfg)  # SLURM compute nodes: offline, caches under paths.weights_dir
     # Imported here so that `--help`, `--cfg` and config errors answer without loading torch.
     from restore.run import metric_value, train
 

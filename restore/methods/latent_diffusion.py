@@ -48,10 +48,23 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from restore.data.precomputed_inputs import (
+    check_precomputed_source,
+    precomputed,
+    precomputed_text,
+    text_fields,
+)
 from restore.methods.checkpoints import CheckpointMismatchError
 from restore.methods.nonfinite_loss import skip_nonfinite_loss
 from restore.methods.objectives import DiffusionObjective
 from restore.methods.rank_generator import RankGenerator
+from restore.methods.training_memory import (
+    cast_parameters,
+    check_mixed_precision,
+    compile_in_place,
+    parse_frozen_dtype,
+    to_channels_last,
+)
 from restore.methods.training_pairs import add_synthesised_pairs
 from restore.models.priors import LatentPrior, TextCondition, freeze
 from restore.models.priors.text import TextCache
@@ -121,6 +134,13 @@ class LatentDiffusionSR(L.LightningModule):
         skip_nonfinite_loss: on a NaN/inf loss skip the step (all ranks together) instead of stopping.
         text_cache_size: keep the prior's encodings of up to this many distinct prompts (its encoders are
             frozen, so an entry stays valid); 0 = the prior's own setting. Worth it when prompts repeat.
+        frozen_dtype: ``"bf16"`` / ``"fp16"``: store the frozen prior weights (VAE, text encoders, the denoiser
+            except ``trainable_prior_modules``) in that dtype when training starts; trainable weights stay fp32
+            masters. Needs a ``*-mixed`` trainer precision. ``None`` = fp32 (docs/training_memory.md).
+        channels_last: store the convolution weights of the prior's VAE and denoiser and of the trainable
+            modules channels-last (faster tensor-core convolutions; same maths).
+        compile_denoiser: ``torch.compile`` the prior's denoiser in place (parameter names unchanged); ``true`` =
+            inductor, or a dynamo backend name.
     """
 
     #: eval.py / restore.infer refuse to run the method without trained weights (ckpt_path or pretrained=)
@@ -150,6 +170,9 @@ class LatentDiffusionSR(L.LightningModule):
         lr_base_batch: int = 1,
         skip_nonfinite_loss: bool = False,
         text_cache_size: int = 0,
+        frozen_dtype: str | None = None,
+        channels_last: bool = False,
+        compile_denoiser: bool | str = False,
     ) -> None:
         super().__init__()
         # Lightning collects the subclasses' __init__ arguments too: modules they take are named in
@@ -199,6 +222,26 @@ class LatentDiffusionSR(L.LightningModule):
         self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
         self._ema_reset_pending = False
         self.generator = RankGenerator(degradation_seed)
+        self.frozen_dtype = parse_frozen_dtype(frozen_dtype)  # applied in setup("fit"), see there
+        if channels_last:
+            to_channels_last((self.prior.vae, self.prior.denoiser, *self.trainable.values()))
+        if compile_denoiser:
+            compile_in_place(self.prior.denoiser, compile_denoiser)
+
+    def setup(self, stage: str) -> None:
+        # The cast waits for training to start: a subclass constructor may still load weights into the prior
+        # (``pretrained=``), and eval/inference keep their own precision setting. Lightning restores a
+        # checkpoint after this hook, but checkpoints hold only trainable keys, which stay fp32.
+        if stage == "fit" and self.frozen_dtype is not None:
+            check_mixed_precision(self.trainer.precision, self.frozen_dtype)
+            self.cast_frozen_prior(self.frozen_dtype)
+
+    def cast_frozen_prior(self, dtype: torch.dtype) -> int:
+        """Cast the frozen prior weights to ``dtype`` (trainable ones, incl. ``trainable_prior_modules``, stay
+        as they are); returns the number of tensors cast. Lightning calls it through ``frozen_dtype``."""
+        return cast_parameters(
+            self, dtype, lambda name: name.startswith("prior.") and self._is_frozen_key(name)
+        )
 
     def _plain_hparams(self) -> None:
         # Hydra hands over DictConfig/ListConfig values; checkpoints are read with weights_only=True, which
@@ -291,14 +334,75 @@ class LatentDiffusionSR(L.LightningModule):
         step noised and the prediction (with its extras). The base has none."""
         return {}
 
+    # ------------------------------------------------------------------ precomputed inputs
+    #: hyper-parameters that change what :meth:`precompute_inputs` computes (part of a precomputed set's identity)
+    precomputed_settings: ClassVar[tuple[str, ...]] = ()
+
+    def precompute_inputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """What the training step computes with frozen networks, for a batch after ``on_after_batch_transfer``
+        (``scripts/precompute_training_inputs.py``, :mod:`restore.data.precomputed_inputs`): the GT's VAE moments and
+        the text prompt's features. The draws (posterior sample, prompt dropout, noise, timesteps) stay in the step."""
+        n = len(batch["gt"])
+        text = self.prior.encode_text(list(batch.get("prompt") or [""] * n))
+        return {"gt_moments": self.prior.encode_moments(batch["gt"]), **text_fields("text", text)}
+
+    def precompute_null_text(self) -> dict[str, Tensor]:
+        """The prior's null condition (one row) where it is an encoded prompt (SD's ``""``), else nothing: the
+        others (SDXL zeros, PixArt's learned caption) need no text encoder in the step."""
+        if self.prior.null_prompt is None:
+            return {}
+        return text_fields("null_text", self.prior.encode_text([self.prior.null_prompt]))
+
+    def precomputed_identity(self) -> dict[str, Any]:
+        """What makes precomputed inputs this module's: method, prior, :attr:`precomputed_settings` and the sha256
+        of every frozen network that computes them (the prior's VAE and text encoder(s), the method's taggers)."""
+        from restore.evaluation.fingerprint import module_digest
+
+        parts = {"vae": self.prior.vae}
+        parts.update({name: getattr(self.prior, name, None) for name in self.prior.text_encoder_parts})
+        parts.update({root: getattr(self, root) for root in self._frozen_roots if root != "prior"})
+        return {
+            "method": type(self).__qualname__,
+            "prior": self.prior.text_encoder_id,
+            "settings": {name: self.hparams.get(name) for name in self.precomputed_settings},
+            "weights": {
+                name: module_digest(part) for name, part in parts.items() if isinstance(part, nn.Module)
+            },
+        }
+
+    def training_latents(self, batch: Mapping[str, Any], generator: torch.Generator) -> Tensor:
+        """The step's scaled GT latents: a VAE posterior sample, from the batch's precomputed moments when it
+        carries them (the same draw, no VAE run)."""
+        moments = precomputed(batch, "gt_moments")
+        if moments is None:
+            return self.prior.encode_images(batch["gt"], generator)
+        check_precomputed_source(batch, self.prior.text_encoder_id, type(self).__qualname__)
+        return self.prior.latents_from_moments(moments, generator)
+
+    def training_text(self, batch: Mapping[str, Any], prompts: Sequence[str], null: Tensor) -> TextCondition:
+        """The step's text condition, rows in ``null`` replaced by the prior's null condition: encoded, or from
+        the batch's precomputed features when it carries them (no text encoder run)."""
+        text = precomputed_text(batch, "text")
+        if text is None:
+            return self.prior.encode_text(prompts, null=null)
+        added = self.prior.added_conditions(len(text), text.hidden_states.device)
+        if added:
+            text = TextCondition(text.hidden_states, text.attention_mask, text.pooled, added)
+        if not bool(null.any()):
+            return text
+        null_text = precomputed_text(batch, "null_text")
+        if null_text is None:
+            null_text = self.prior.null_condition(len(text), like=text)
+        return text.where(null, null_text)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         gt = batch["gt"]
         n = len(gt)
         gen = self.generator.get(self, gt.device)
         prompts = list(batch.get("prompt") or [""] * n)
         null = self.null_prompt_mask(n, gen)
-        latents = self.prior.encode_images(gt, gen)
-        text = self.prior.encode_text(prompts, null=null)
+        latents = self.training_latents(batch, gen)
+        text = self.training_text(batch, prompts, null)
         noise = torch.randn(latents.shape, generator=gen, device=gen.device).to(latents.device)
         num_t = self.objective.num_train_timesteps
         timesteps = torch.randint(0, num_t, (n,), generator=gen, device=gen.device).to(latents.device)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from restore.data.precomputed_inputs import precomputed
 from restore.methods.controlnet_sr import ControlNetSR
 from restore.methods.latent_diffusion import build, plain_dict
 from restore.models.priors import LatentPrior, TextCondition
@@ -116,8 +117,15 @@ class SeeSR(ControlNetSR):
         """The official prompt string: ``f"{tags}, {user_prompt}," + added_prompt``."""
         return f"{tags}, {self.hparams.user_prompt}," + self.hparams.added_prompt
 
+    #: the tags' source changes the text the precomputed features encode
+    precomputed_settings = ("tags_from",)
+
     def training_inputs(self, batch: Mapping[str, Any], lr_up: Tensor) -> dict[str, Any]:
-        """RAM tokens of the upsampled LR, and DAPE's tags when the batch has no prompts."""
+        """RAM tokens of the upsampled LR, and DAPE's tags when the batch has no prompts; with precomputed inputs
+        the stored tokens (and no tags: the text features are stored too), so DAPE does not run."""
+        tokens = precomputed(batch, "ram_tokens")
+        if tokens is not None:
+            return {"ram_tokens": tokens}
         extra: dict[str, Any] = {"ram_tokens": self.ram_tokens(lr_up)}
         if not batch.get("prompt"):
             extra["prompt"] = self.tags(batch["gt"] if self.hparams.tags_from == "gt" else lr_up)
@@ -125,6 +133,10 @@ class SeeSR(ControlNetSR):
 
     def condition_for_training(self, text: TextCondition, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {"text": text, "tokens": batch["ram_tokens"]}
+
+    def precompute_inputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The base's (GT moments, features of the prompt or of DAPE's tags) plus the RAM tokens of the LR."""
+        return {**super().precompute_inputs(batch), "ram_tokens": batch["ram_tokens"]}
 
     def side_inputs(self, condition: Mapping[str, Any]) -> AbstractContextManager:
         """The RAM tokens for the RCA blocks of the ControlNet and of the UNet."""

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from restore.data.precomputed_inputs import precomputed_text, text_fields
 from restore.methods.controlnet_sr import ControlNetSR
 from restore.methods.latent_diffusion import Prediction, build, plain_dict
 from restore.models.priors import LatentPrior, TextCondition
@@ -173,8 +174,14 @@ class XPSR(ControlNetSR):
         return self.hparams.fusion in ("sfa", "serial")
 
     # ------------------------------------------------------------------ training
+    #: which prompts are encoded, and as what, depends on these
+    precomputed_settings = ("fusion", "training_prompt")
+
     def training_inputs(self, batch: Mapping[str, Any], lr_up: Tensor) -> dict[str, Any]:
-        """The text prompt of the step (see the module doc); the prompts the configuration needs must be there."""
+        """The text prompt of the step (see the module doc); the prompts the configuration needs must be there
+        (not with precomputed inputs: their features are in the batch)."""
+        if precomputed_text(batch, "text") is not None:
+            return {}
         n = len(batch["gt"])
         high = batch.get(HIGH_FIELD)
         low = batch.get(LOW_FIELD)
@@ -201,8 +208,16 @@ class XPSR(ControlNetSR):
     def condition_for_training(self, text: TextCondition, batch: Mapping[str, Any]) -> dict[str, Any]:
         condition: dict[str, Any] = {"text": text}
         if self.uses_lowlevel_attention:
-            condition["lowlevel"] = self.prior.encode_text(batch[LOW_FIELD])
+            lowlevel = precomputed_text(batch, "lowlevel_text")
+            condition["lowlevel"] = self.prior.encode_text(batch[LOW_FIELD]) if lowlevel is None else lowlevel
         return condition
+
+    def precompute_inputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The base's (GT moments, the text prompt's features) plus the low-level prompt's features for SFA."""
+        out = super().precompute_inputs(batch)
+        if self.uses_lowlevel_attention:
+            out.update(text_fields("lowlevel_text", self.prior.encode_text(batch[LOW_FIELD])))
+        return out
 
     def side_inputs(self, condition: Mapping[str, Any]) -> AbstractContextManager:
         """The low-level prompt embeddings for the ControlNet's SFA blocks."""

@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
 from restore.models.priors.loading import freeze, load_parts, offline_default
@@ -172,8 +173,22 @@ class LatentPrior(nn.Module):
     ) -> Tensor:
         """``[0, 1]`` images -> scaled latents ``(z - shift) x scaling`` (float32): a posterior sample drawn from
         ``generator`` (LDM training), or its mode with ``sample=False`` (DreamClear's conditions)."""
+        return self.latents_from_moments(self.encode_moments(images), generator, sample)
+
+    @torch.no_grad()
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """``[0, 1]`` images -> the VAE posterior's moments ``[B, 2C, h, w]`` (mean and log-variance, in the VAE's
+        dtype): what :meth:`latents_from_moments` samples from, storable ahead of training."""
         vae = self.vae
-        posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+        return vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.parameters
+
+    def latents_from_moments(
+        self, moments: Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> Tensor:
+        """Scaled latents from posterior moments: the draw :meth:`encode_images` makes (diffusers'
+        ``DiagonalGaussianDistribution``, the same generator call), so stored moments train exactly as the
+        on-the-fly VAE does."""
+        posterior = DiagonalGaussianDistribution(moments)
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         return ((z - self.shift_factor) * self.scaling_factor).float()
 
