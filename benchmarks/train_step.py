@@ -40,7 +40,9 @@ PEAK_FLOPS = {
 }
 
 
-def build(size: str, device: torch.device, grad_ckpt: bool):
+def build(size: str, device: torch.device, grad_ckpt: bool, features: bool = False):
+    """SeeSR with random weights; ``features``: frozen prior in bf16 + bitsandbytes' 8-bit AdamW (issue 16's
+    memory set, measured by benchmarks/gpu/run.py)."""
     from restore.methods.seesr import SeeSR
     from restore.models.priors import sd2_base_prior, tiny_prior
 
@@ -54,13 +56,20 @@ def build(size: str, device: torch.device, grad_ckpt: bool):
 
         prior, dape = tiny_prior(), tiny_dape(token_dim=32)
         controlnet = {"conditioning_embedding_out_channels": (8, 16, 16, 16)}
+    if features:
+        from bitsandbytes.optim import AdamW8bit as optimizer_class
+    else:
+        optimizer_class = torch.optim.AdamW
     module = SeeSR(
         prior=prior,
         dape=dape,
         controlnet=controlnet,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=5e-5, weight_decay=1e-2),
+        optimizer=lambda p: optimizer_class(p, lr=5e-5, weight_decay=1e-2),  # train_seesr.py's AdamW
         gradient_checkpointing=grad_ckpt,
+        frozen_dtype="bf16" if features else None,
     )
+    if features:
+        module.cast_frozen_prior(torch.bfloat16)  # what setup("fit") does when Lightning trains
     module.to(device).train()
     return module
 

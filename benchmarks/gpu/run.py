@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from train_step import build as build_seesr  # noqa: E402
 from train_step import count_flops, make_batch, peak_flops, plain_step  # noqa: E402
 
 GIB = 2**30
@@ -40,38 +41,6 @@ CAP_GB = 24  # the consumer-card budget of the issue's goal
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def build_seesr(size: str, device: torch.device, grad_ckpt: bool, features: bool):
-    """SeeSR with random weights; ``features``: frozen prior bf16 + 8-bit AdamW (the issue's memory set)."""
-    from restore.methods.seesr import SeeSR
-    from restore.models.priors import sd2_base_prior, tiny_prior
-
-    torch.manual_seed(0)
-    if size == "full":
-        from restore.models.ram.ram import build_ram
-
-        prior, dape, controlnet = sd2_base_prior(device), build_ram("swin_l_384", device=device), {}
-    else:
-        from restore.models.dape import tiny_dape
-
-        prior, dape = tiny_prior(), tiny_dape(token_dim=32)
-        controlnet = {"conditioning_embedding_out_channels": (8, 16, 16, 16)}
-    if features:
-        from bitsandbytes.optim import AdamW8bit as optimizer_class
-    else:
-        optimizer_class = torch.optim.AdamW
-    module = SeeSR(
-        prior=prior,
-        dape=dape,
-        controlnet=controlnet,
-        optimizer=lambda p: optimizer_class(p, lr=5e-5, weight_decay=1e-2),  # train_seesr.py's AdamW
-        gradient_checkpointing=grad_ckpt,
-        frozen_dtype="bf16" if features else None,
-    )
-    if features:
-        module.cast_frozen_prior(torch.bfloat16)  # what setup("fit") does
-    return module.to(device).train()
 
 
 def seesr_batch(module, n: int, resolution: int, device: torch.device) -> dict:
