@@ -151,16 +151,16 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def run(args: argparse.Namespace, grad_ckpt: bool, device: torch.device) -> dict:
-    module = build(args.size, device, grad_ckpt)
-    batch = make_batch(args.batch, args.resolution, device)
-    # the frozen-DAPE conditions of the batch (what on_after_batch_transfer adds): computed once, outside timing
+def seesr_batch(module, n: int, resolution: int, device: torch.device) -> dict:
+    """:func:`make_batch` plus the frozen-DAPE conditions ``on_after_batch_transfer`` adds (bicubic LR and its RAM
+    tokens), computed once, outside any timing."""
+    batch = make_batch(n, resolution, device)
     lr_up = F.interpolate(batch["lq"], size=batch["gt"].shape[-2:], mode="bicubic").clamp(0, 1)
-    batch = {**batch, "lr_up": lr_up, "ram_tokens": module.ram_tokens(lr_up)}
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    )
-    # the step runs outside a fit loop: a bare Trainer answers the strategy calls, log() is a no-op
+    return {**batch, "lr_up": lr_up, "ram_tokens": module.ram_tokens(lr_up)}
+
+
+def attach_bare_trainer(module, device: torch.device) -> None:
+    """The step runs outside a fit loop: a bare Trainer answers the strategy calls, ``log()`` is a no-op."""
     import lightning as L
 
     module.trainer = L.Trainer(
@@ -171,6 +171,15 @@ def run(args: argparse.Namespace, grad_ckpt: bool, device: torch.device) -> dict
         enable_progress_bar=False,
     )
     module.log = lambda *a, **k: None
+
+
+def run(args: argparse.Namespace, grad_ckpt: bool, device: torch.device) -> dict:
+    module = build(args.size, device, grad_ckpt)
+    batch = seesr_batch(module, args.batch, args.resolution, device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    )
+    attach_bare_trainer(module, device)
     optimizer = module.configure_optimizers()["optimizer"]
     trainable = sum(p.numel() for p in module.trainable_parameters())
 

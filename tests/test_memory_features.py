@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from hydra_helpers import compose_config
-from tiny_training import EmbeddedPairs
+from tiny_training import EmbeddedPairs, fit_on_cpu
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -64,18 +64,10 @@ def test_frozen_dtype_names() -> None:
 
 def test_frozen_prior_is_bf16_and_trainables_stay_fp32_after_fitting(tmp_path: Path) -> None:
     module = _seesr(tmp_path, "method.frozen_dtype=bf16")
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        precision="bf16-mixed",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
     before = {n: p.detach().clone() for n, p in module.trainable.named_parameters()}
-    trainer.fit(module, DataLoader(EmbeddedPairs(size=64, prompts=True), batch_size=2))
+    trainer = fit_on_cpu(
+        module, tmp_path, steps=1, data=EmbeddedPairs(size=64, prompts=True), precision="bf16-mixed"
+    )
     dtypes = {n: p.dtype for n, p in module.named_parameters()}
     prior_frozen = [n for n in dtypes if n.startswith("prior.") and f".{RCA_ATTR}." not in n]
     assert prior_frozen and all(dtypes[n] == torch.bfloat16 for n in prior_frozen)  # VAE, CLIP, UNet base

@@ -64,16 +64,12 @@ def test_a_test_set_rewritten_in_place_is_restored_and_scored_again(tmp_path: Pa
         rerun = _eval(tmp_path, lr, gt)
     fresh = _eval(tmp_path, lr, gt, run="fresh")
     assert _psnr(rerun) == pytest.approx(_psnr(fresh), abs=1e-9)
-    assert _psnr(rerun)["d"] == first_psnr_d(first)  # untouched: reused, same number
+    assert _psnr(rerun)["d"] == _psnr(first)["d"]  # untouched: reused, same number
     assert _psnr(rerun)["a"] != pytest.approx(_psnr(first)["a"])
     assert "2 image(s) of this run reused, 2 to restore (LR changed: 2)" in caplog.text
     assert "score: 1 image(s) already scored with this configuration reused, 3 to score" in caplog.text
     assert "restored image changed: 2" in caplog.text and "GT changed: 1" in caplog.text
     assert rerun["dataset"]["id"] == fresh["dataset"]["id"] != first["dataset"]["id"]
-
-
-def first_psnr_d(results: dict) -> float:
-    return _psnr(results)["d"]
 
 
 def test_images_restored_on_another_device_kind_are_restored_again(tmp_path: Path, caplog) -> None:
@@ -146,9 +142,11 @@ def test_unreadable_files_and_folders_and_symlink_loops_are_skipped_by_name(
     (lr / "sub").mkdir()
     write_image(lr / "sub" / "d.png", np.zeros((12, 12, 3)))
     write_image(gt / "sub" / "d.png", np.zeros((48, 48, 3)))
+    write_image(lr / "sub2" / "e.png", np.zeros((12, 12, 3)))  # its GT folder cannot be listed
+    write_image(gt / "sub2" / "e.png", np.zeros((48, 48, 3)))
     (lr / "loop").symlink_to(lr, target_is_directory=True)  # lr/loop/loop/... would list the set forever
     # this process runs as root in CI, which ignores file modes: refuse reads as a non-root user would be refused
-    denied_file, denied_dir = lr / "b.png", lr / "sub"
+    denied_file, denied_dirs = lr / "b.png", (lr / "sub", gt / "sub2")
     real_read, real_scandir = pathlib.Path.read_bytes, os.scandir
 
     def read_bytes(self):
@@ -157,7 +155,7 @@ def test_unreadable_files_and_folders_and_symlink_loops_are_skipped_by_name(
         return real_read(self)
 
     def scandir(path="."):
-        if Path(os.fspath(path)) == denied_dir:
+        if Path(os.fspath(path)) in denied_dirs:
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
@@ -169,7 +167,7 @@ def test_unreadable_files_and_folders_and_symlink_loops_are_skipped_by_name(
     assert "permission denied" in reasons["b"]
     assert "cannot be listed: permission denied" in reasons["sub/"]
     assert "already listed (a loop?)" in reasons["loop/"]
-    assert "d" not in reasons or "GT folder" in reasons["d"]
+    assert "its GT folder was skipped (the folder cannot be listed: permission denied" in reasons["sub2/e"]
     assert results["num_images"] == 3 and results["num_scored"] == 2
 
 

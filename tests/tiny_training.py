@@ -34,13 +34,18 @@ class EmbeddedPairs(Dataset):
 
 
 def fit_on_cpu(
-    module: L.LightningModule, root: Path, steps: int = 2, data: Dataset | None = None
+    module: L.LightningModule,
+    root: Path,
+    steps: int = 2,
+    data: Dataset | None = None,
+    precision: str = "32-true",
 ) -> L.Trainer:
     """``steps`` optimisation steps of ``module`` on ``data`` (default :class:`EmbeddedPairs`), batch 2, no
     logger, bar or checkpoint."""
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
+        precision=precision,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

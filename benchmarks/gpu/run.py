@@ -31,8 +31,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from train_step import (  # noqa: E402
+    attach_bare_trainer,
+    count_flops,
+    make_batch,
+    peak_flops,
+    plain_step,
+    seesr_batch,
+)
 from train_step import build as build_seesr  # noqa: E402
-from train_step import count_flops, make_batch, peak_flops, plain_step  # noqa: E402
 
 GIB = 2**30
 CAP_GB = 24  # the consumer-card budget of the goal
@@ -41,25 +48,6 @@ CAP_GB = 24  # the consumer-card budget of the issue's goal
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def seesr_batch(module, n: int, resolution: int, device: torch.device) -> dict:
-    batch = make_batch(n, resolution, device)
-    lr_up = F.interpolate(batch["lq"], size=batch["gt"].shape[-2:], mode="bicubic").clamp(0, 1)
-    return {**batch, "lr_up": lr_up, "ram_tokens": module.ram_tokens(lr_up)}
-
-
-def attach_bare_trainer(module, device: torch.device) -> None:
-    import lightning as L
-
-    module.trainer = L.Trainer(
-        accelerator=device.type,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
-    module.log = lambda *a, **k: None
 
 
 def cast_like_official(module) -> None:
